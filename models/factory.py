@@ -1,0 +1,63 @@
+"""Build the network from a config, and rebuild it from a checkpoint alone."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from utils.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from utils.config import ModelConfig, architecture_fields
+
+from .plcreg import PLCReg
+
+
+def build_model(config: ModelConfig | dict | None = None) -> PLCReg:
+    """PLCReg from a ModelConfig (or its dict form); defaults reproduce the OASIS network."""
+    if isinstance(config, dict):
+        config = ModelConfig.from_dict(config)
+    return PLCReg(config or ModelConfig())
+
+
+def save_model(path, model: PLCReg, **extra):
+    """Checkpoint with the model's config and weights (plus ``extra`` entries), written atomically."""
+    return save_checkpoint(path, model.config.to_dict(), model.state_dict(), **extra)
+
+
+def check_compatible(model: nn.Module, ckpt: dict, source: str = "checkpoint") -> None:
+    """Raise CheckpointError unless ``ckpt`` holds weights of ``model``'s architecture."""
+    saved = ckpt.get("model_config") or {}
+    ours = model.config.to_dict()
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs model {ours.get(k)!r}"
+            for k in architecture_fields() if saved.get(k) != ours.get(k)]
+    if diff:
+        raise CheckpointError(f"{source}: checkpoint of another architecture ({'; '.join(diff)})")
+    state, own = ckpt.get("model", {}), model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{source}: weights do not match the network (missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"wrong shape {wrong[:5]})")
+
+
+def load_weights(model: PLCReg, ckpt: dict, source: str = "checkpoint") -> PLCReg:
+    """Load a checkpoint's weights into ``model`` after checking the architecture."""
+    check_compatible(model, ckpt, source)
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def load_model(path, map_location="cpu", **overrides) -> tuple[PLCReg, dict]:
+    """Rebuild the network from a checkpoint file alone; ``overrides`` set run-time options
+    (e.g. ``grad_checkpointing=True``, ``freeze_encoder=True``). Returns (model, checkpoint dict)."""
+    ckpt = read_checkpoint(path, map_location)
+    cfg = dict(ckpt["model_config"])
+    runtime = set(ModelConfig.__dataclass_fields__) - set(architecture_fields())
+    bad = set(overrides) - runtime
+    if bad:
+        raise ValueError(f"load_model: only run-time options can be overridden ({sorted(runtime)}), got {sorted(bad)}")
+    cfg.update(overrides)
+    try:
+        model = build_model(cfg)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: model configuration cannot be built ({exc})") from exc
+    return load_weights(model, ckpt, str(path)), ckpt

@@ -1,0 +1,182 @@
+"""The PLCReg network (DESIGN §1.1-1.3), top-down: encoder, one estimator level, full model.
+
+``PLCReg(config)(moving, fixed)`` returns the full-resolution displacement
+(B, 3, D, H, W) in the project's convention (``utils.spatial``): voxel units,
+component i along axis i, ``warped(x) = moving(x + u(x))``.
+
+Inputs of any size are zero-padded at the far end of each axis to a multiple of
+16 (the five-level pyramid halves four times), and to at least 32 so that the
+coarsest level has more than one voxel for instance normalisation; the field is
+cropped back. Inside,
+a coarse field is carried to the next finer level by trilinear upsampling with the
+geometry of the 2x average-pooling pyramid (``align_corners=False``; values x2).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from utils.config import ModelConfig
+from utils.spatial import SpatialTransformer, compose, integrate_velocity, resize_displacement
+
+from .blocks import DoubleConv, FlowHead, UpConv
+from .polaca import PoLaCA
+
+N_LEVELS = 5
+SIZE_MULTIPLE = 2 ** (N_LEVELS - 1)
+MIN_SIZE = 2 * SIZE_MULTIPLE
+
+
+def padded_size(size: Sequence[int]) -> tuple[int, ...]:
+    """Grid the network computes on for an input of ``size``: multiples of 16, at least 32."""
+    return tuple(max(MIN_SIZE, -(-int(n) // SIZE_MULTIPLE) * SIZE_MULTIPLE) for n in size)
+
+
+class Encoder(nn.Module):
+    """Five levels of DoubleConv with AvgPool3d(2) between them.
+
+    (B, C_in, D, H, W) -> [level 1 (B, w1, D, H, W), ..., level 5 (B, w5, D/16, H/16, W/16)].
+    """
+
+    def __init__(self, in_channels: int, widths: Sequence[int]):
+        super().__init__()
+        chans = [in_channels, *widths]
+        self.levels = nn.ModuleList(DoubleConv(chans[i], chans[i + 1]) for i in range(len(widths)))
+        self.pool = nn.AvgPool3d(2)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for i, level in enumerate(self.levels):
+            x = level(x if i == 0 else self.pool(x))
+            feats.append(x)
+        return feats
+
+
+class EstimatorLevel(nn.Module):
+    """One level of the coarse-to-fine estimator.
+
+    ``c = DoubleConv(cat[m, PoLaCA(m, f), f])`` (or ``cat[m, f]`` without attention);
+    ``phi = head(c) (+) phi_up``; with a finer-level context (all but the coarsest level)
+    a fine branch ``DoubleConv(cat[phi, c, UpConv(context)])`` adds a residual field.
+    ``(+)`` is addition, or composition with ``compose_levels``.
+    """
+
+    def __init__(self, width: int, attention: PoLaCA | None, context_width: int | None,
+                 compose_levels: bool):
+        super().__init__()
+        self.attention = attention
+        self.compose_levels = compose_levels
+        in_ch = width * (3 if attention is not None else 2)
+        self.conv = DoubleConv(in_ch, width)
+        self.head = FlowHead(width)
+        if context_width is not None:
+            self.up_context = UpConv(context_width, width)
+            self.fine_conv = DoubleConv(3 + 2 * width, width)
+            self.fine_head = FlowHead(width)
+        else:
+            self.up_context = None
+
+    def _combine(self, residual: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+        if base is None:
+            return residual
+        return compose(residual, base) if self.compose_levels else residual + base
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor, phi_up: torch.Tensor | None,
+                context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """moving, fixed: (B, w, d, h, w') level features (moving already warped by phi_up).
+
+        Returns (phi (B, 3, d, h, w'), features passed on as the next level's context).
+        """
+        parts = [moving, fixed] if self.attention is None else [moving, self.attention(moving, fixed), fixed]
+        c = self.conv(torch.cat(parts, dim=1))
+        phi = self._combine(self.head(c), phi_up)
+        if self.up_context is None:
+            return phi, c
+        fine = self.fine_conv(torch.cat([phi, c, self.up_context(context)], dim=1))
+        phi = self._combine(self.fine_head(fine), phi)
+        return phi, fine
+
+
+class PLCReg(nn.Module):
+    """Dual-stream encoder + PoLaCA + coarse-to-fine estimator.
+
+    Forward:
+        moving, fixed: (B, C, D, H, W) with C = config.in_channels, any spatial size.
+        return_levels: also return the per-level fields.
+    Returns:
+        displacement (B, 3, D, H, W); with ``return_levels`` a tuple
+        (displacement, [phi_5, ..., phi_1]) where phi_l lives on the (padded) grid of level l
+        in that level's voxel units (before any diffeomorphic integration).
+    """
+
+    def __init__(self, config: ModelConfig | None = None):
+        super().__init__()
+        self.config = config = config or ModelConfig()
+        widths = config.level_widths
+        self.encoder = Encoder(config.in_channels, widths)
+        levels = []
+        for lvl in range(1, N_LEVELS + 1):
+            w = widths[lvl - 1]
+            attention = None
+            if lvl in config.attention_levels:
+                attention = PoLaCA(w, config.window_size, config.num_heads, config.alpha,
+                                   config.dwc_kernel, config.mlp_ratio)
+            context = widths[lvl] if lvl < N_LEVELS else None
+            levels.append(EstimatorLevel(w, attention, context, config.compose_levels))
+        self.levels = nn.ModuleList(levels)           # index 0 = level 1 (finest)
+        self.transformer = SpatialTransformer()
+        if config.freeze_encoder:
+            self.freeze_encoder()
+
+    def freeze_encoder(self, frozen: bool = True) -> None:
+        """Stop (or restart) gradients to the encoder: multi-task fine-tuning trains only the estimator."""
+        for p in self.encoder.parameters():
+            p.requires_grad_(not frozen)
+
+    def _check_inputs(self, moving: torch.Tensor, fixed: torch.Tensor) -> None:
+        c = self.config.in_channels
+        for name, x in (("moving", moving), ("fixed", fixed)):
+            if x.ndim != 5 or x.shape[1] != c:
+                raise ValueError(f"PLCReg: {name} must be (B, {c}, D, H, W), got shape {tuple(x.shape)}")
+        if moving.shape != fixed.shape:
+            raise ValueError(f"PLCReg: moving and fixed must have the same shape, got "
+                             f"{tuple(moving.shape)} and {tuple(fixed.shape)}")
+
+    def _run_level(self, lvl: int, *args):
+        level = self.levels[lvl - 1]
+        if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(level, *args, use_reentrant=False)
+        return level(*args)
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor, return_levels: bool = False):
+        self._check_inputs(moving, fixed)
+        size = moving.shape[2:]
+        pads = [p - n for p, n in zip(padded_size(size), size)]
+        if any(pads):
+            spec = (0, pads[2], 0, pads[1], 0, pads[0])
+            moving, fixed = F.pad(moving, spec), F.pad(fixed, spec)
+
+        # shared weights: one encoder pass over both images as a batch of 2B
+        feats = self.encoder(torch.cat([moving, fixed], dim=0))
+        b = moving.shape[0]
+        mov = [f[:b] for f in feats]
+        fix = [f[b:] for f in feats]
+
+        phi, context, fields = None, None, []
+        for lvl in range(N_LEVELS, 0, -1):
+            m = mov[lvl - 1]
+            if phi is not None:
+                phi = resize_displacement(phi, m.shape[2:], align_corners=False)
+                m = self.transformer(m, phi)
+            phi, context = self._run_level(lvl, m, fix[lvl - 1], phi, context)
+            fields.append(phi)
+
+        flow = phi
+        if self.config.diffeomorphic:
+            flow = integrate_velocity(flow, self.config.int_steps)
+        flow = flow[:, :, :size[0], :size[1], :size[2]]
+        return (flow, fields) if return_levels else flow

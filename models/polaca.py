@@ -1,0 +1,177 @@
+"""PoLaCA: polarity correlation attention between fixed and moving features (DESIGN §1.2).
+
+Reads top-down: window helpers, the attention inside one window
+(:class:`PolarityAttention`), then the full block on feature volumes (:class:`PoLaCA`).
+
+Queries come from the fixed features; keys, values and a gate from the (already
+warped) moving features. Correlation is split by sign: ``x+ = ReLU(x)**p`` and
+``x- = ReLU(-x)**p`` with a learnable per-head, per-channel exponent
+``p = 1 + alpha * sigmoid(theta)`` (ALS). The same-sign stream correlates
+``[q+, q-]`` with ``[k+, k-]`` (agreement); the opposite-sign stream correlates
+``[q-, q+]`` with ``[k+, k-]`` (disagreement, the inhibitory cue). Each stream is
+linear attention over one half of the value channels.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ---------------------------------------------------------------------------
+# windows
+# ---------------------------------------------------------------------------
+def pad_to_multiple(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
+    """Zero-pad a channels-last volume (B, D, H, W, C) at the far end of each axis to a multiple of ``window``."""
+    pads = [(-n) % w for n, w in zip(x.shape[1:4], window)]
+    if not any(pads):
+        return x
+    return F.pad(x, (0, 0, 0, pads[2], 0, pads[1], 0, pads[0]))
+
+
+def window_partition(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
+    """(B, D, H, W, C) with sizes divisible by ``window`` -> (B * nWindows, wd * wh * ww, C).
+
+    Windows are ordered (batch, d, h, w); tokens inside a window in row-major (wd, wh, ww) order.
+    """
+    b, d, h, w, c = x.shape
+    wd, wh, ww = window
+    x = x.view(b, d // wd, wd, h // wh, wh, w // ww, ww, c)
+    return x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(-1, wd * wh * ww, c)
+
+
+def window_reverse(windows: torch.Tensor, window: Sequence[int], size: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: (B * nWindows, N, C) -> (B, D, H, W, C) for ``size`` = (D, H, W)."""
+    d, h, w = size
+    wd, wh, ww = window
+    c = windows.shape[-1]
+    x = windows.view(-1, d // wd, h // wh, w // ww, wd, wh, ww, c)
+    return x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(-1, d, h, w, c)
+
+
+# ---------------------------------------------------------------------------
+# attention inside windows
+# ---------------------------------------------------------------------------
+def _polarity_stream(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
+    """Linear attention ``q (k^T v / N) / (q . mean(k) + eps)``.
+
+    q, k: (B', h, N, 2 hd); v: (B', h, N, hd / 2) -> (B', h, N, hd / 2). The cheaper
+    association (k^T v first, then q) is exact and costs O(N) instead of O(N^2).
+    """
+    n = k.shape[-2]
+    kv = torch.matmul(k.transpose(-2, -1), v) / n
+    z = torch.matmul(q, k.mean(dim=-2, keepdim=True).transpose(-2, -1)) + eps
+    return torch.matmul(q, kv) / z
+
+
+class PolarityAttention(nn.Module):
+    """Polarity-aware linear cross-attention in one window, with ALS sharpening.
+
+    Args:
+        dim: token width d (split into ``num_heads`` heads of even width).
+        window: window size (wd, wh, ww); fixes the learnable positional term (N, d).
+        num_heads: heads h.
+        alpha: ALS range; exponent p = 1 + alpha * sigmoid(theta) starts at 1 + alpha / 2.
+        dwc_kernel: kernel of the depthwise convolution of the values (shared by heads).
+        eps: stabiliser of the attention normaliser.
+    Forward:
+        fixed, moving: (B', N, d) normalised window tokens -> (B', N, d).
+    """
+
+    def __init__(self, dim: int, window: Sequence[int], num_heads: int = 8, alpha: float = 15.0,
+                 dwc_kernel: int = 3, eps: float = 1e-6):
+        super().__init__()
+        if dim % num_heads or (dim // num_heads) % 2:
+            raise ValueError(f"PolarityAttention: dim {dim} must split into {num_heads} heads of even width")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.window = tuple(int(w) for w in window)
+        self.alpha, self.eps = float(alpha), eps
+        n_tokens = self.window[0] * self.window[1] * self.window[2]
+        self.qkvg = nn.Linear(dim, 4 * dim, bias=False)          # rows: q | k | v | g
+        self.positional = nn.Parameter(torch.zeros(n_tokens, dim))
+        self.scale = nn.Parameter(torch.zeros(dim))               # softplus(0) = log 2
+        self.power = nn.Parameter(torch.zeros(num_heads, self.head_dim))  # ALS theta
+        self.dwc = nn.Conv3d(self.head_dim, self.head_dim, dwc_kernel, padding=dwc_kernel // 2,
+                             groups=self.head_dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def exponent(self) -> torch.Tensor:
+        """ALS exponent p = 1 + alpha * sigmoid(theta): (h, hd), always in (1, 1 + alpha)."""
+        return 1.0 + self.alpha * torch.sigmoid(self.power)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B', N, d) -> (B', h, N, hd)."""
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        d = self.dim
+        weight = self.qkvg.weight
+        q = F.linear(fixed, weight[:d])
+        k, v, g = F.linear(moving, weight[d:]).chunk(3, dim=-1)
+        k = k + self.positional
+        scale = F.softplus(self.scale)
+        q, k, v = self._heads(q / scale), self._heads(k / scale), self._heads(v)
+
+        # polarity core in float32: x**p with p up to 16 overflows half precision
+        p = self.exponent().unsqueeze(1).float()                  # (h, 1, hd)
+        qf, kf, vf = q.float(), k.float(), v.float()
+        q_pos, q_neg = F.relu(qf) ** p, F.relu(-qf) ** p
+        k_cat = torch.cat([F.relu(kf) ** p, F.relu(-kf) ** p], dim=-1)
+        v_same, v_opp = vf.chunk(2, dim=-1)
+        same = _polarity_stream(torch.cat([q_pos, q_neg], dim=-1), k_cat, v_same, self.eps)
+        opp = _polarity_stream(torch.cat([q_neg, q_pos], dim=-1), k_cat, v_opp, self.eps)
+        x = torch.cat([same, opp], dim=-1).to(v.dtype)            # (B', h, N, hd)
+
+        # depthwise conv of the values, laid out spatially inside the window
+        bw, h, n, hd = v.shape
+        wd, wh, ww = self.window
+        v_sp = v.reshape(bw * h, n, hd).transpose(1, 2).reshape(bw * h, hd, wd, wh, ww)
+        v_sp = self.dwc(v_sp).reshape(bw, h, hd, n).transpose(2, 3)   # (B', h, N, hd)
+
+        x = (x + v_sp).transpose(1, 2).reshape(bw, n, d)
+        return self.proj(x * g)
+
+
+# ---------------------------------------------------------------------------
+# the block on feature volumes
+# ---------------------------------------------------------------------------
+class PoLaCA(nn.Module):
+    """Polarity correlation attention block on (B, C, D, H, W) feature volumes.
+
+    ``LN(moving), LN(fixed)`` (one shared norm) -> windows (padded to a multiple of the
+    window, cropped back afterwards) -> :class:`PolarityAttention` -> residual to the
+    moving features -> ``x + MLP(LN(x))`` -> final LayerNorm. Works at any input size.
+
+    Forward:
+        moving, fixed: (B, C, D, H, W) -> (B, C, D, H, W).
+    """
+
+    def __init__(self, dim: int, window: Sequence[int], num_heads: int = 8, alpha: float = 15.0,
+                 dwc_kernel: int = 3, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.window = tuple(int(w) for w in window)
+        self.norm_in = nn.LayerNorm(dim)
+        self.attn = PolarityAttention(dim, self.window, num_heads, alpha, dwc_kernel)
+        self.norm_mlp = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.norm_out = nn.LayerNorm(dim)
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        if moving.shape != fixed.shape or moving.ndim != 5:
+            raise ValueError(f"PoLaCA: expected moving and fixed features of one shape (B, C, D, H, W), "
+                             f"got {tuple(moving.shape)} and {tuple(fixed.shape)}")
+        size = moving.shape[2:]
+        m = moving.permute(0, 2, 3, 4, 1)                         # (B, D, H, W, C)
+        f = fixed.permute(0, 2, 3, 4, 1)
+        m_pad = pad_to_multiple(self.norm_in(m), self.window)
+        f_pad = pad_to_multiple(self.norm_in(f), self.window)
+        padded = m_pad.shape[1:4]
+        attn = self.attn(window_partition(f_pad, self.window), window_partition(m_pad, self.window))
+        attn = window_reverse(attn, self.window, padded)[:, :size[0], :size[1], :size[2]]
+        x = m + attn
+        x = x + self.mlp(self.norm_mlp(x))
+        return self.norm_out(x).permute(0, 4, 1, 2, 3)
