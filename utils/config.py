@@ -91,4 +91,221 @@ def architecture_fields() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in runtime)
 
 
-__all__ = ["ModelConfig", "architecture_fields", "field"]
+# ---------------------------------------------------------------------------
+# data, training and run configuration
+# ---------------------------------------------------------------------------
+LPBA40_LABELS = (21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50,
+                 61, 62, 63, 64, 65, 66, 67, 68, 81, 82, 83, 84, 85, 86, 87, 88, 89, 90, 91, 92, 101, 102, 121, 122,
+                 161, 162, 163, 164, 165, 166)
+IXI_LABELS = (2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 28, 31, 41, 42, 43, 46, 47, 49, 50, 51, 52, 53,
+              54, 60, 63)
+SRREG_LABELS = (2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 26, 28)
+LAYOUTS = ("oasis", "lpba40", "ixi", "abdomenctct", "srreg")
+
+
+@dataclass
+class DataConfig:
+    """Where a data set lives on disk and how it is split, labelled and normalised.
+
+    Attributes:
+        name: data set name (used for folders such as Checkpoint/<name>).
+        layout: on-disk layout, one of LAYOUTS (README, "Data sets").
+        root: data set folder (``--data-root`` overrides).
+        labels: label values scored by Dice/HD95 (background excluded).
+        image_size: the data set's volume size (D, H, W), for reference and benchmarks.
+        atlas_based: subjects are registered to (and from) one atlas; else pairs of subjects.
+        normalisation: 'minmax' (to [0, 1]), 'ct' (clip to ``ct_window`` then [0, 1]),
+            'percentile' (clip to the 0.5-99.5th percentiles then [0, 1]) or 'none'.
+        fixed_normalisation: normalisation of the fixed image when it differs (CT->MR), else ''.
+        ct_window: Hounsfield window for 'ct'.
+        val_subjects: training subjects held out (seeded) for validation where the layout
+            has no validation folder; model selection never looks at test pairs.
+        n_train, n_test: subject counts of layouts split by sorted order (AbdomenCTCT, SR-Reg).
+        atlas_label: file name of the atlas label map (OASIS, LPBA40).
+    """
+    name: str = "OASIS"
+    layout: str = "oasis"
+    root: str = "../Datasets/OASIS"
+    labels: tuple = tuple(range(1, 36))
+    image_size: tuple = (160, 224, 192)
+    atlas_based: bool = True
+    normalisation: str = "minmax"
+    fixed_normalisation: str = ""
+    ct_window: tuple = (-1000.0, 1000.0)
+    val_subjects: int = 3
+    n_train: int = 0
+    n_test: int = 0
+    atlas_label: str = "OASIS_0395_0000.nii.gz"
+
+    def __post_init__(self):
+        self.labels = tuple(int(v) for v in _tuple(self.labels))
+        self.image_size = _tuple(self.image_size)
+        self.ct_window = _tuple(self.ct_window)
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"DataConfig.layout must be one of {LAYOUTS}, got {self.layout!r}")
+        for norm in (self.normalisation, self.fixed_normalisation or "none"):
+            if norm not in ("minmax", "ct", "percentile", "none"):
+                raise ValueError(f"DataConfig: unknown normalisation {norm!r} (minmax, ct, percentile, none)")
+        if 0 in self.labels:
+            raise ValueError("DataConfig.labels: background (0) is never scored; leave it out")
+        if self.layout == "abdomenctct" and self.val_subjects == 1:
+            raise ValueError("DataConfig.val_subjects: validation pairs of the pairwise AbdomenCTCT layout "
+                             "need 0 or at least 2 held-out subjects")
+
+
+@dataclass
+class TrainConfig:
+    """Loss recipe, optimiser and schedule (defaults: the paper's mono-modal recipe).
+
+    Loss = sim_weight * similarity(warped, fixed) + reg_weight * Grad-l2(u)
+           + dice_weight * soft Dice(warped one-hot labels, fixed one-hot labels).
+    """
+    similarity: str = "ncc"          # 'ncc', 'mse', 'mind' or 'none'
+    ncc_window: int = 9
+    sim_weight: float = 1.0
+    reg_weight: float = 1.0
+    reg_penalty: str = "l2"
+    dice_weight: float = 0.0
+    lr: float = 4e-4
+    amsgrad: bool = True
+    epochs: int = 50
+    max_pairs: int = 0               # training items per epoch (0 = all)
+    val_max_pairs: int = 0           # validation pairs per epoch (0 = all)
+    keep_top_k: int = 3              # dsc0.xxxx_ep0000 checkpoints kept
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.similarity not in ("ncc", "mse", "mind", "none"):
+            raise ValueError(f"TrainConfig.similarity must be ncc, mse, mind or none, got {self.similarity!r}")
+        if self.similarity == "none" and self.dice_weight <= 0:
+            raise ValueError("TrainConfig: with similarity 'none' the loss needs dice_weight > 0")
+
+
+@dataclass
+class EvalConfig:
+    """Inference options."""
+    label_interpolation: str = "nearest"   # 'nearest' or 'onehot'
+    hd95_spacing: bool = False             # HD95 in mm (image spacing) instead of voxels
+    max_pairs: int = 0                     # test pairs evaluated (0 = all)
+
+    def __post_init__(self):
+        if self.label_interpolation not in ("nearest", "onehot"):
+            raise ValueError(f"EvalConfig.label_interpolation must be nearest or onehot, got {self.label_interpolation!r}")
+
+
+@dataclass
+class RunConfig:
+    """Everything one training or inference run needs; saved beside and inside checkpoints."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    device: str = "auto"                   # 'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1'
+    checkpoint_dir: str = ""               # default Checkpoint/<data.name>
+    output_dir: str = ""                   # default Results/<data.name>
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"data": _plain(self.data), "model": self.model.to_dict(), "train": _plain(self.train),
+                "eval": _plain(self.eval), "device": self.device, "checkpoint_dir": self.checkpoint_dir,
+                "output_dir": self.output_dir}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        return cls(data=DataConfig(**d["data"]), model=ModelConfig.from_dict(d["model"]),
+                   train=TrainConfig(**d["train"]), eval=EvalConfig(**d.get("eval", {})),
+                   device=d.get("device", "auto"), checkpoint_dir=d.get("checkpoint_dir", ""),
+                   output_dir=d.get("output_dir", ""))
+
+
+def _plain(obj) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(obj).items()}
+
+
+# ---------------------------------------------------------------------------
+# per-data-set presets (DESIGN §3, §1.4)
+# ---------------------------------------------------------------------------
+def oasis() -> RunConfig:
+    return RunConfig(data=DataConfig(), model=ModelConfig(window_size=(5, 7, 6)))
+
+
+def lpba40() -> RunConfig:
+    return RunConfig(
+        data=DataConfig(name="LPBA40", layout="lpba40", root="../Datasets/LPBA40_delineation",
+                        labels=LPBA40_LABELS, image_size=(160, 192, 160),
+                        atlas_label="S01.delineation.structure.label.nii.gz"),
+        model=ModelConfig(window_size=(5, 6, 5)))
+
+
+def ixi() -> RunConfig:
+    return RunConfig(
+        data=DataConfig(name="IXI", layout="ixi", root="../Datasets/IXI_data", labels=IXI_LABELS,
+                        image_size=(160, 192, 224), normalisation="none", atlas_label=""),
+        model=ModelConfig(window_size=(5, 6, 7)))
+
+
+def abdomenctct() -> RunConfig:
+    return RunConfig(
+        data=DataConfig(name="AbdomenCTCT", layout="abdomenctct", root="../Datasets/AbdomenCTCT",
+                        labels=tuple(range(1, 14)), image_size=(192, 160, 256), atlas_based=False,
+                        normalisation="ct", ct_window=(-500.0, 800.0), val_subjects=2, n_train=20, n_test=10,
+                        atlas_label=""),
+        model=ModelConfig(window_size=(6, 5, 8)))
+
+
+def srreg() -> RunConfig:
+    return RunConfig(
+        data=DataConfig(name="SRReg", layout="srreg", root="../Datasets/SR-REG", labels=SRREG_LABELS,
+                        image_size=(176, 208, 192), atlas_based=False, normalisation="ct",
+                        fixed_normalisation="percentile", ct_window=(-1000.0, 2000.0), val_subjects=5,
+                        n_train=150, n_test=0, atlas_label=""),
+        model=ModelConfig(window_size=(8, 8, 6)),
+        train=TrainConfig(similarity="none", dice_weight=1.0, reg_weight=0.1))
+
+
+PRESETS = {"OASIS": oasis, "LPBA40": lpba40, "IXI": ixi, "AbdomenCTCT": abdomenctct, "SRReg": srreg}
+
+
+def preset(name: str) -> RunConfig:
+    """The default RunConfig of a data set (one of PRESETS)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown data set {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+def apply_override(run: RunConfig, assignment: str) -> None:
+    """Apply ``section.field=value`` (e.g. ``train.lr=1e-4``, ``model.window_size=5,6,5``)."""
+    if "=" not in assignment:
+        raise ValueError(f"override {assignment!r}: expected section.field=value")
+    key, text = assignment.split("=", 1)
+    section, _, name = key.strip().partition(".")
+    target = run if not name else getattr(run, section, None)
+    name = name or section
+    if target is None or not dataclasses.is_dataclass(target) or name not in {f.name for f in dataclasses.fields(target)}:
+        raise ValueError(f"override {assignment!r}: unknown setting {key!r}")
+    current = getattr(target, name)
+    setattr(target, name, _parse_like(current, text.strip(), key))
+    if hasattr(target, "__post_init__"):
+        target.__post_init__()
+
+
+def _parse_like(current, text: str, key: str):
+    try:
+        if isinstance(current, bool):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1", "yes")
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)
+        if isinstance(current, tuple):
+            items = [t for t in text.replace("x", ",").split(",") if t.strip()] if text else []
+            kind = type(current[0]) if current else float
+            return tuple(kind(t) for t in items)
+        return text
+    except ValueError as exc:
+        raise ValueError(f"override {key}={text!r}: cannot read a {type(current).__name__}") from exc
+
+
+__all__ = ["ModelConfig", "DataConfig", "TrainConfig", "EvalConfig", "RunConfig", "PRESETS", "preset",
+           "apply_override", "architecture_fields", "LAYOUTS"]

@@ -95,6 +95,13 @@ def hd95_masks(a, b, spacing=None) -> float:
         raise ValueError(f"hd95_masks: expected 3D masks, got shape {a.shape}")
     if not a.any() or not b.any():
         return float("nan")
+    # every surface voxel of either mask lies in the bounding box of their union: crop to it
+    # (one voxel of margin keeps the erosion exact) so that the distance maps stay small
+    idx = np.argwhere(a | b)
+    lo = np.maximum(idx.min(0) - 1, 0)
+    hi = np.minimum(idx.max(0) + 2, a.shape)
+    box = tuple(slice(l, h) for l, h in zip(lo, hi))
+    a, b = a[box], b[box]
     sa, sb = surface_voxels(a), surface_voxels(b)
     sp = _spacing(spacing)
     dist_to_b = ndimage.distance_transform_edt(~sb, sampling=sp)

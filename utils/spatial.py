@@ -123,7 +123,7 @@ def warp(image: torch.Tensor, u: torch.Tensor, mode: str = "bilinear", padding_m
     if image.dtype != u.dtype:
         image = image.to(u.dtype)
     needs_grad = torch.is_grad_enabled() and u.requires_grad
-    if not needs_grad and not torch.compiler.is_compiling() and not bool(u.any()):
+    if not needs_grad and u.device.type != "meta" and not torch.compiler.is_compiling() and not bool(u.any()):
         batch = max(image.shape[0], u.shape[0])
         return image.expand(batch, *image.shape[1:]).clone()
     grid = displacement_to_grid(u, base_grid)

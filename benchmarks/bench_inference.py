@@ -1,0 +1,153 @@
+"""Inference speed and memory of PLCReg for one pair: prints a table, optionally appends it to RESULTS.md.
+
+Each (size, variant) is measured in a fresh child process so that its peak memory is its own:
+peak RSS on the CPU, max allocated on CUDA. Seconds are the median over ``--runs`` after
+``--warmup`` passes, with ``torch.inference_mode()`` (synchronised on CUDA). GMACs are
+torch's flop counter (convolutions and matrix products) divided by two, counted once on
+the meta device (shapes only).
+
+    python benchmarks/bench_inference.py                       # OASIS size, 2 CPU threads
+    python benchmarks/bench_inference.py --sizes 160x192x160 --threads 2 --runs 3
+    python benchmarks/bench_inference.py --device cuda --amp --write
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DATASET_SIZES = {"OASIS": (160, 224, 192), "LPBA40": (160, 192, 160), "IXI": (160, 192, 224)}
+
+
+def parse_size(text: str) -> tuple[int, int, int]:
+    parts = tuple(int(v) for v in text.lower().split("x"))
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"size must look like 160x224x192, got {text!r}")
+    return parts
+
+
+def measure(args) -> dict:
+    """Runs in the child process: one size, one variant."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from models import build_model
+    from utils.config import ModelConfig
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model = build_model(ModelConfig(window_size=tuple(args.window))).to(device).eval()
+    params = sum(p.numel() for p in model.parameters())
+    size = parse_size(args.size)
+    g = torch.Generator().manual_seed(0)
+    moving = torch.rand(1, 1, *size, generator=g).to(device)
+    fixed = torch.rand(1, 1, *size, generator=g).to(device)
+    amp = args.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+
+    def run():
+        with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            u = model(moving, fixed)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return u
+
+    for _ in range(args.warmup):
+        run()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.runs):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    gmacs = float("nan")
+    if args.flops:
+        # counted on the meta device: shapes only, no memory, and every conv goes through
+        # the op the counter sees (the CPU path calls oneDNN directly)
+        meta_model = build_model(ModelConfig(window_size=tuple(args.window))).to("meta").eval()
+        meta_input = torch.empty(1, 1, *size, device="meta")
+        counter = FlopCounterMode(display=False)
+        with torch.inference_mode(), counter:
+            meta_model(meta_input, meta_input)
+        gmacs = counter.get_total_flops() / 2e9
+    if device.type == "cuda":
+        peak_mib = torch.cuda.max_memory_allocated() / 2 ** 20
+    else:
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"size": "x".join(map(str, size)), "device": device.type, "threads": args.threads,
+            "amp": str(amp_dtype).replace("torch.", "") if amp else "fp32", "params_M": params / 1e6,
+            "gmacs": gmacs, "median_s": statistics.median(times), "min_s": min(times), "peak_mib": peak_mib,
+            "runs": args.runs}
+
+
+def machine_line(device: str) -> str:
+    import torch
+    cpu = platform.processor() or platform.machine()
+    line = f"{platform.system()} {cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}"
+    if device == "cuda" and torch.cuda.is_available():
+        line += f", {torch.cuda.get_device_name()}"
+    return line
+
+
+def format_table(rows: list[dict]) -> str:
+    head = "| size | device | threads | precision | params (M) | GMACs | median s/pair | min s | peak MiB |"
+    sep = "|---|---|---|---|---|---|---|---|---|"
+    body = [f"| {r['size']} | {r['device']} | {r['threads']} | {r['amp']} | {r['params_M']:.2f} | "
+            f"{r['gmacs']:.1f} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['peak_mib']:.0f} |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", default=["x".join(map(str, DATASET_SIZES["OASIS"]))],
+                   help="volume sizes DxHxW (default: OASIS 160x224x192)")
+    p.add_argument("--window", nargs=3, type=int, default=[5, 7, 6], help="PoLaCA window (default OASIS)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--amp", action="store_true", help="also measure autocast (CUDA only)")
+    p.add_argument("--no-flops", dest="flops", action="store_false")
+    p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    p.add_argument("--label", default="", help="heading for RESULTS.md")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--size", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.child:
+        print(json.dumps(measure(args)))
+        return
+    rows = []
+    for size in args.sizes:
+        for amp in ([False, True] if args.amp and args.device == "cuda" else [False]):
+            cmd = [sys.executable, __file__, "--child", "--size", size, "--device", args.device,
+                   "--threads", str(args.threads), "--runs", str(args.runs), "--warmup", str(args.warmup),
+                   "--window", *map(str, args.window)] + (["--amp"] if amp else []) + ([] if args.flops else ["--no-flops"])
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if out.returncode != 0:
+                sys.exit(f"measurement of {size} failed:\n{out.stderr}")
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    table = format_table(rows)
+    print()
+    print(table)
+    if args.write:
+        cmd = "python benchmarks/bench_inference.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as fh:
+            fh.write(f"\n### {args.label or 'Inference, one pair'} ({time.strftime('%Y-%m-%d')})\n\n"
+                     f"Machine: {machine_line(args.device)}\n\nCommand: `{cmd}`\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

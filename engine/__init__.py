@@ -1,0 +1,1 @@
+"""The shared train/infer engine behind the per-data-set scripts."""

@@ -1,0 +1,123 @@
+"""Command lines of the per-data-set scripts: ``Train_<Set>.py`` and ``Infer_<Set>.py``.
+
+Every value of the run's config can be set with ``--set section.field=value`` (repeatable),
+e.g. ``--set train.lr=1e-4 --set model.window_size=5,6,5``; the common ones have flags.
+Bad input ends with ``error: <file>: <problem>`` and exit status 2, not a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from utils.checkpoint import CheckpointError
+from utils.config import RunConfig, apply_override, preset
+from utils.io import DataError
+
+EXIT_BAD_INPUT = 2
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-root", help="data set folder (default from utils/config.py)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-pairs", type=int, help="limit training items / test pairs (quick runs)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override any config value, e.g. train.lr=1e-4 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def train_parser(dataset: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"Train_{dataset}.py", description=f"Train PLCReg on {dataset}.")
+    _common(p)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--checkpoint-dir", help=f"default Checkpoint/{dataset}")
+    p.add_argument("--resume", action="store_true", help="continue from <checkpoint-dir>/last.pth")
+    p.add_argument("--init-from", help="start from another run's checkpoint (multi-task fine-tuning)")
+    p.add_argument("--freeze-encoder", action="store_true", help="train only the estimator")
+    return p
+
+
+def infer_parser(dataset: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"Infer_{dataset}.py", description=f"Evaluate PLCReg on the {dataset} test pairs.")
+    _common(p)
+    p.add_argument("--checkpoint", help=f"default Checkpoint/{dataset}/best.pth")
+    p.add_argument("--output-dir", help=f"default Results/{dataset}")
+    p.add_argument("--save-nifti", action="store_true", help="write warped image, warped label and displacement")
+    p.add_argument("--label-interpolation", choices=["nearest", "onehot"])
+    p.add_argument("--hd95-mm", action="store_true", help="HD95 in mm (image spacing) instead of voxels")
+    return p
+
+
+def build_run(dataset: str, args, training: bool) -> RunConfig:
+    """The data set's preset with the command line applied (raises ValueError on a bad value)."""
+    run = preset(dataset)
+    for assignment in args.overrides:
+        apply_override(run, assignment)
+    if args.data_root:
+        run.data.root = args.data_root
+    if args.device:
+        run.device = args.device
+    if args.seed is not None:
+        run.train.seed = args.seed
+    if training:
+        if args.max_pairs is not None:
+            run.train.max_pairs = args.max_pairs
+        if args.epochs is not None:
+            run.train.epochs = args.epochs
+        if args.lr is not None:
+            run.train.lr = args.lr
+        if args.checkpoint_dir:
+            run.checkpoint_dir = args.checkpoint_dir
+        if args.freeze_encoder:
+            run.model.freeze_encoder = True
+    else:
+        if args.max_pairs is not None:
+            run.eval.max_pairs = args.max_pairs
+        if args.output_dir:
+            run.output_dir = args.output_dir
+        if args.label_interpolation:
+            run.eval.label_interpolation = args.label_interpolation
+        if args.hd95_mm:
+            run.eval.hd95_spacing = True
+    return run
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def train_main(dataset: str, argv=None) -> int:
+    args = train_parser(dataset).parse_args(argv)
+    try:
+        run = build_run(dataset, args, training=True)
+    except ValueError as exc:
+        return _fail(str(exc))
+    from .train import Trainer, checkpoint_dir
+    try:
+        trainer = Trainer(run, resume=args.resume, init_from=args.init_from,
+                          progress=False if args.no_progress else None)
+        trainer.fit()
+    except (DataError, CheckpointError) as exc:
+        return _fail(str(exc))
+    print(f"checkpoints in {checkpoint_dir(run)} (best validation Dice {trainer.best:.4f})")
+    return 0
+
+
+def infer_main(dataset: str, argv=None) -> int:
+    args = infer_parser(dataset).parse_args(argv)
+    try:
+        run = build_run(dataset, args, training=False)
+    except ValueError as exc:
+        return _fail(str(exc))
+    from .infer import infer
+    checkpoint = Path(args.checkpoint or f"Checkpoint/{dataset}/best.pth")
+    try:
+        result = infer(run, checkpoint, save_nifti=args.save_nifti, progress=False if args.no_progress else None)
+    except (DataError, CheckpointError) as exc:
+        return _fail(str(exc))
+    print(result["table"])
+    print(f"results in {result['paths']['summary_json'].parent}")
+    return 0

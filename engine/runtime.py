@@ -1,0 +1,47 @@
+"""Run-time helpers: device choice, seeding, provenance (command and package versions)."""
+from __future__ import annotations
+
+import platform
+import random
+import shlex
+import sys
+from importlib import metadata
+
+import numpy as np
+import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; an unavailable CUDA request falls back to CPU with a warning."""
+    if name in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"warning: device {name!r} requested but CUDA is not available; using the CPU", file=sys.stderr)
+        return torch.device("cpu")
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "numpy", "scipy", "nibabel"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [sys.executable.split("/")[-1], *sys.argv])

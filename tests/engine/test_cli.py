@@ -1,0 +1,110 @@
+"""The per-data-set scripts, run as a user runs them, on every layout; and their errors."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from engine.cli import infer_main, train_main
+from tests.layouts import WRITERS, quick_overrides, write_oasis
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _sets(dataset):
+    return [a for o in quick_overrides(dataset) for a in ("--set", o)]
+
+
+def _script(name, *args):
+    return subprocess.run([sys.executable, str(ROOT / name), *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("dataset", sorted(WRITERS))
+def test_train_then_infer_scripts(dataset, tmp_path):
+    data = WRITERS[dataset](tmp_path / "data")
+    ck, out = tmp_path / "ck", tmp_path / "out"
+    tr = _script(f"Train_{dataset}.py", "--data-root", str(data), "--epochs", "1", "--max-pairs", "2",
+                 "--checkpoint-dir", str(ck), "--device", "cpu", "--no-progress", *_sets(dataset))
+    assert tr.returncode == 0, tr.stderr
+    assert (ck / "best.pth").is_file() and (ck / "train_log.csv").is_file()
+    inf = _script(f"Infer_{dataset}.py", "--data-root", str(data), "--checkpoint", str(ck / "best.pth"),
+                  "--output-dir", str(out), "--save-nifti", "--max-pairs", "2", "--no-progress", *_sets(dataset))
+    assert inf.returncode == 0, inf.stderr
+    assert "Dice (initial)" in inf.stdout and "HD95" in inf.stdout
+    with open(out / "per_case.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2
+    for col in ("case", "dice", "dice_initial", "hd95", "pct_nonpos_jac", "sdlogj", "seconds"):
+        assert col in rows[0]
+    assert any(c.startswith("dice_") and c[5:].isdigit() for c in rows[0])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["label_interpolation"] == "nearest" and summary["summary"]["n_cases"] == 2
+    assert "torch" in summary["versions"] and "Infer_" in summary["command"]
+    # NIfTI outputs carry the fixed image's affine (identity for the pickled IXI set)
+    fixed_path = rows[0]["fixed"]
+    fixed_affine = nib.load(fixed_path).affine if fixed_path.endswith(".nii.gz") else np.eye(4)
+    for kind in ("warped", "warped_label", "displacement"):
+        img = nib.load(str(out / "nifti" / f"{rows[0]['case']}_{kind}.nii.gz"))
+        assert np.allclose(img.affine, fixed_affine)
+
+
+@pytest.fixture
+def oasis(tmp_path):
+    return write_oasis(tmp_path / "OASIS")
+
+
+def _train_args(root, tmp_path):
+    return ["--data-root", str(root), "--epochs", "1", "--max-pairs", "1", "--checkpoint-dir", str(tmp_path / "ck"),
+            "--no-progress", *_sets("OASIS")]
+
+
+@pytest.mark.parametrize("breakage,message", [
+    (lambda r: (r / "Train").rename(r / "Train_moved"), "Train folder not found"),
+    (lambda r: (r / "label" / "OASIS_0001_0000.nii.gz").unlink(), "label of"),
+    (lambda r: (r / "Train" / "OASIS_0001_0000.nii.gz").write_bytes(b"corrupt"), "cannot read NIfTI"),
+    (lambda r: nib.save(nib.Nifti1Image(np.zeros((32, 40, 36), np.int16), np.eye(4)),
+                        str(r / "label" / "OASIS_0001_0000.nii.gz")), "label map is empty"),
+    (lambda r: nib.save(nib.Nifti1Image(np.ones((32, 40, 35), np.int16), np.eye(4)),
+                        str(r / "label" / "OASIS_0001_0000.nii.gz")), "shape mismatch"),
+    (lambda r: nib.save(nib.Nifti1Image(np.full((32, 40, 36), np.nan, np.float32), np.eye(4)),
+                        str(r / "Train" / "OASIS_0001_0000.nii.gz")), "NaN/Inf"),
+    (lambda r: nib.save(nib.Nifti1Image(np.ones((32, 40), np.float32), np.eye(4)),
+                        str(r / "Train" / "OASIS_0001_0000.nii.gz")), "expected a 3D image"),
+])
+def test_bad_training_input_gives_message_not_traceback(oasis, tmp_path, capsys, breakage, message):
+    breakage(oasis)
+    args = _train_args(oasis, tmp_path)
+    args[args.index("--max-pairs") + 1] = "0"      # visit every subject
+    assert train_main("OASIS", args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_checkpoint_of_other_architecture_refused(oasis, tmp_path, capsys):
+    assert train_main("OASIS", _train_args(oasis, tmp_path)) == 0
+    args = ["--data-root", str(oasis), "--checkpoint", str(tmp_path / "ck" / "last.pth"), "--output-dir",
+            str(tmp_path / "out"), "--no-progress"]
+    # inference rebuilds the network from the checkpoint itself: fine
+    assert infer_main("OASIS", args) == 0
+    # fine-tuning a different architecture from it is refused, naming the field
+    wide = _train_args(oasis, tmp_path / "other") + ["--init-from", str(tmp_path / "ck" / "last.pth"),
+                                                     "--set", "model.widths=8,16,16,32,64"]
+    capsys.readouterr()
+    assert train_main("OASIS", wide) == 2
+    err = capsys.readouterr().err
+    assert "another architecture" in err and "widths" in err
+    (tmp_path / "bad.pth").write_bytes(b"\x00\x01")
+    assert infer_main("OASIS", args[:2] + ["--checkpoint", str(tmp_path / "bad.pth")] + args[4:]) == 2
+    assert "bad.pth: cannot read checkpoint" in capsys.readouterr().err
+
+
+def test_bad_override_and_real_exit_code(oasis, tmp_path):
+    r = _script("Train_OASIS.py", "--data-root", str(oasis), "--set", "train.lr=fast")
+    assert r.returncode == 2 and "cannot read a float" in r.stderr and "Traceback" not in r.stderr
+    r = _script("Infer_OASIS.py", "--data-root", str(tmp_path / "missing"), "--checkpoint", str(tmp_path / "x.pth"))
+    assert r.returncode == 2 and "x.pth: checkpoint file not found" in r.stderr

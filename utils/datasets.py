@@ -1,0 +1,295 @@
+"""Data sets as they lie on disk: discovery, splits, pairs, loading and normalisation.
+
+Each layout has one small function that lists its subjects and splits
+(``LAYOUT_READERS``); pairing, loading, normalisation and caching are shared.
+
+Pairs
+-----
+* atlas-based (OASIS, LPBA40, IXI): a training item is one subject and gives two
+  steps, atlas -> subject then subject -> atlas; validation and test pairs are
+  subject -> atlas (moving subject, fixed atlas), as in the paper.
+* AbdomenCTCT: every ordered pair of distinct subjects within a split.
+* SR-Reg: within each subject, CT (moving) -> MR (fixed); one segmentation for both.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import DataConfig
+from .io import DataError, Volume, check_same_grid, load_nifti, load_pickle_pair
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side of a pair: an image file and its label map file (same file for pickles)."""
+    name: str
+    image: str
+    label: str | None
+    fmt: str = "nifti"               # 'nifti' or 'pickle'
+    role: str = "moving"             # normalised as a moving ('moving') or fixed-modality ('fixed') image
+
+
+@dataclass(frozen=True)
+class Pair:
+    moving: Side
+    fixed: Side
+
+    @property
+    def name(self) -> str:
+        return f"{self.moving.name}_to_{self.fixed.name}"
+
+
+@dataclass
+class DatasetIndex:
+    """Subjects of a data set by split, and the pairs built from them."""
+    config: DataConfig
+    train: list[Side]
+    val: list[Side]
+    test: list[Side]
+    atlas: Side | None = None
+    partner: dict[str, Side] = field(default_factory=dict)   # SR-Reg: CT subject -> its MR side
+
+    def _pairs_of(self, subjects: list[Side]) -> list[Pair]:
+        if self.atlas is not None:
+            return [Pair(s, self.atlas) for s in subjects]
+        if self.partner:
+            return [Pair(s, self.partner[s.name]) for s in subjects]
+        return [Pair(a, b) for a, b in itertools.permutations(subjects, 2)]
+
+    def train_items(self) -> list[list[Pair]]:
+        """Training items; each is the list of steps taken for it (two for atlas data)."""
+        if self.atlas is not None:
+            return [[Pair(self.atlas, s), Pair(s, self.atlas)] for s in self.train]
+        return [[p] for p in self._pairs_of(self.train)]
+
+    def val_pairs(self) -> list[Pair]:
+        return self._pairs_of(self.val)
+
+    def test_pairs(self) -> list[Pair]:
+        return self._pairs_of(self.test)
+
+
+# ---------------------------------------------------------------------------
+# discovery per layout
+# ---------------------------------------------------------------------------
+def natural_key(text: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(text))]
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise DataError(f"{path}: {what} folder not found")
+    return path
+
+
+def _require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found")
+    return path
+
+
+def _files(folder: Path, pattern: str, what: str) -> list[Path]:
+    _require_dir(folder, what)
+    files = sorted(folder.glob(pattern), key=lambda p: natural_key(p.name))
+    if not files:
+        raise DataError(f"{folder}: no {pattern} files in the {what} folder")
+    return files
+
+
+def _nii_stem(path: Path) -> str:
+    name = path.name
+    for ext in (".nii.gz", ".nii", ".pkl"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return path.stem
+
+
+def _holdout(train: list[Side], n: int, seed: int) -> tuple[list[Side], list[Side]]:
+    """Hold ``n`` training subjects out for validation (seeded; never all of them)."""
+    n = min(n, max(len(train) - 1, 0))
+    if n <= 0:
+        return train, []
+    rng = np.random.default_rng(seed)
+    pick = set(rng.choice(len(train), size=n, replace=False).tolist())
+    return [s for i, s in enumerate(train) if i not in pick], [s for i, s in enumerate(train) if i in pick]
+
+
+def read_oasis(cfg: DataConfig, root: Path, seed: int) -> DatasetIndex:
+    label_dir = _require_dir(root / "label", "label")
+
+    def side(img: Path) -> Side:
+        return Side(_nii_stem(img)[:10], str(img), str(_require_file(label_dir / img.name, f"label of {img}")))
+
+    atlas_img = _require_file(root / "fixed.nii.gz", "atlas image")
+    atlas_lab = label_dir / cfg.atlas_label if cfg.atlas_label else label_dir / "fixed.nii.gz"
+    atlas = Side("atlas", str(atlas_img), str(_require_file(atlas_lab, "atlas label")))
+    train = [side(p) for p in _files(root / "Train", "*.nii.gz", "Train")]
+    test = [side(p) for p in _files(root / "Test", "*.nii.gz", "Test")]
+    train, val = _holdout(train, cfg.val_subjects, seed)
+    return DatasetIndex(cfg, train, val, test, atlas)
+
+
+def read_lpba40(cfg: DataConfig, root: Path, seed: int) -> DatasetIndex:
+    img_dir = _require_dir(root / "delineation_l_norm", "delineation_l_norm")
+    label_dir = _require_dir(root / "label", "label")
+
+    def side(img: Path) -> Side:
+        sid = img.name.split(".")[0]
+        lab = label_dir / f"{sid}.delineation.structure.label.nii.gz"
+        return Side(sid, str(img), str(_require_file(lab, f"label of {img}")))
+
+    atlas = Side("atlas", str(_require_file(img_dir / "fixed.nii.gz", "atlas image")),
+                 str(_require_file(label_dir / cfg.atlas_label, "atlas label")))
+    train = [side(p) for p in _files(img_dir / "train", "*.nii.gz", "train")]
+    test = [side(p) for p in _files(img_dir / "test", "*.nii.gz", "test")]
+    train, val = _holdout(train, cfg.val_subjects, seed)
+    return DatasetIndex(cfg, train, val, test, atlas)
+
+
+def read_ixi(cfg: DataConfig, root: Path, seed: int) -> DatasetIndex:
+    def sides(folder: str) -> list[Side]:
+        return [Side(_nii_stem(p), str(p), str(p), "pickle") for p in _files(root / folder, "*.pkl", folder)]
+
+    atlas_path = _require_file(root / "atlas.pkl", "atlas")
+    atlas = Side("atlas", str(atlas_path), str(atlas_path), "pickle")
+    val = sides("Val") if (root / "Val").is_dir() else []
+    train = sides("Train")
+    if not val:
+        train, val = _holdout(train, cfg.val_subjects, seed)
+    return DatasetIndex(cfg, train, val, sides("Test"), atlas)
+
+
+def read_abdomenctct(cfg: DataConfig, root: Path, seed: int) -> DatasetIndex:
+    labelled = []
+    for img_dir, lab_dir in (("imagesTr", "labelsTr"), ("imagesTs", "labelsTs")):
+        if img_dir == "imagesTs" and not (root / lab_dir).is_dir():
+            continue
+        labels = _require_dir(root / lab_dir, lab_dir)
+        for p in _files(root / img_dir, "*.nii.gz", img_dir):
+            lab = labels / p.name
+            if lab.is_file():
+                labelled.append(Side(_nii_stem(p)[:16], str(p), str(lab)))
+    need = cfg.n_train + cfg.n_test
+    if len(labelled) < need:
+        raise DataError(f"{root}: {len(labelled)} labelled subjects found, the split needs {need} "
+                        f"({cfg.n_train} train + {cfg.n_test} test)")
+    train, test = labelled[:cfg.n_train], labelled[cfg.n_train:need]
+    train, val = _holdout(train, cfg.val_subjects, seed)
+    return DatasetIndex(cfg, train, val, test)
+
+
+def read_srreg(cfg: DataConfig, root: Path, seed: int) -> DatasetIndex:
+    vol_dir = _require_dir(root / "vol", "vol")
+    seg_dir = _require_dir(root / "seg", "seg")
+    subjects, partner = [], {}
+    for ct in _files(vol_dir, "*_ct.nii.gz", "vol"):
+        sid = ct.name[: -len("_ct.nii.gz")]
+        seg = str(_require_file(seg_dir / f"{sid}.nii.gz", f"segmentation of {sid}"))
+        mr = str(_require_file(vol_dir / f"{sid}_mr.nii.gz", f"MR of {sid}"))
+        subjects.append(Side(sid, str(ct), seg))
+        partner[sid] = Side(f"{sid}_mr", mr, seg, role="fixed")
+    n_train = min(cfg.n_train, len(subjects) - 1)
+    train = subjects[:n_train]
+    test = subjects[n_train:] if cfg.n_test <= 0 else subjects[n_train:n_train + cfg.n_test]
+    if not test:
+        raise DataError(f"{root}: no test subjects left after the first {n_train} for training")
+    train, val = _holdout(train, cfg.val_subjects, seed)
+    return DatasetIndex(cfg, train, val, test, partner=partner)
+
+
+LAYOUT_READERS = {"oasis": read_oasis, "lpba40": read_lpba40, "ixi": read_ixi,
+                  "abdomenctct": read_abdomenctct, "srreg": read_srreg}
+
+
+def discover(cfg: DataConfig, root: str | Path | None = None, seed: int = 0) -> DatasetIndex:
+    """List a data set's subjects and splits from its folder (``cfg.root`` unless ``root``)."""
+    root = Path(root or cfg.root)
+    _require_dir(root, f"{cfg.name} data set")
+    return LAYOUT_READERS[cfg.layout](cfg, root, seed)
+
+
+# ---------------------------------------------------------------------------
+# loading and normalisation
+# ---------------------------------------------------------------------------
+def normalise(image: np.ndarray, method: str, ct_window=(-1000.0, 1000.0)) -> np.ndarray:
+    """Intensity normalisation to [0, 1] (float32).
+
+    'minmax': (x - min) / (max - min); 'ct': clip to the Hounsfield window, then to [0, 1];
+    'percentile': clip to the 0.5 and 99.5th percentiles, then min-max; 'none': unchanged.
+    """
+    x = image.astype(np.float32, copy=False)
+    if method == "none":
+        return x
+    if method == "ct":
+        lo, hi = ct_window
+    elif method == "percentile":
+        lo, hi = np.percentile(x, [0.5, 99.5])
+    elif method == "minmax":
+        lo, hi = float(x.min()), float(x.max())
+    else:
+        raise ValueError(f"unknown normalisation {method!r}")
+    if hi <= lo:
+        return np.zeros_like(x)
+    return ((np.clip(x, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+
+
+@dataclass
+class LoadedSide:
+    image: Volume          # normalised intensities, geometry of the file
+    label: Volume | None
+
+
+class VolumeCache:
+    """Reads sides once and keeps the last ``capacity`` of them (the atlas stays hot)."""
+
+    def __init__(self, cfg: DataConfig, capacity: int = 16):
+        self.cfg, self.capacity = cfg, capacity
+        self._items: "OrderedDict[Side, LoadedSide]" = OrderedDict()
+
+    def _read(self, side: Side) -> LoadedSide:
+        if side.fmt == "pickle":
+            image, label = load_pickle_pair(side.image)
+        else:
+            image = load_nifti(side.image, "image")
+            label = load_nifti(side.label, "label") if side.label else None
+            if label is not None:
+                check_same_grid(image, label)
+        method = self.cfg.fixed_normalisation if side.role == "fixed" and self.cfg.fixed_normalisation \
+            else self.cfg.normalisation
+        image.array = normalise(image.array, method, self.cfg.ct_window)
+        return LoadedSide(image, label)
+
+    def get(self, side: Side) -> LoadedSide:
+        item = self._items.get(side)
+        if item is None:
+            item = self._read(side)
+            self._items[side] = item
+            if len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        else:
+            self._items.move_to_end(side)
+        return item
+
+    def pair_tensors(self, pair: Pair, device="cpu") -> dict:
+        """(1, 1, D, H, W) tensors of a pair: moving, fixed, and labels where present."""
+        m, f = self.get(pair.moving), self.get(pair.fixed)
+        if m.image.array.shape != f.image.array.shape:
+            raise DataError(f"shape mismatch: {m.image.path} is {m.image.array.shape} but "
+                            f"{f.image.path} is {f.image.array.shape}; resample to a common grid first")
+        out = {"moving": _tensor(m.image.array, device), "fixed": _tensor(f.image.array, device),
+               "fixed_volume": f.image, "moving_volume": m.image}
+        if m.label is not None and f.label is not None:
+            out["moving_label"] = _tensor(m.label.array, device)
+            out["fixed_label"] = _tensor(f.label.array, device)
+        return out
+
+
+def _tensor(arr: np.ndarray, device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(arr))[None, None].to(device)
