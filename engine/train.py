@@ -100,7 +100,8 @@ class Trainer:
         self.objective = Objective(tc, run.data.labels)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=tc.lr, amsgrad=tc.amsgrad)
-        self.epoch, self.best, self.top = 0, -math.inf, []
+        self.epoch, self.best, self.top, self.step = 0, -math.inf, [], 0
+        self.started = time.time()
         if resume:
             self._resume()
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -113,7 +114,7 @@ class Trainer:
         from utils.checkpoint import FORMAT
         return {"format": FORMAT, "model_config": self.run.model.to_dict(), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "best_val_dice": self.best,
-                "top": self.top, "run_config": self.run.to_dict(), "torch_rng": torch.get_rng_state(),
+                "step": self.step, "top": self.top, "run_config": self.run.to_dict(), "torch_rng": torch.get_rng_state(),
                 "versions": package_versions()}
 
     def _resume(self) -> None:
@@ -126,6 +127,7 @@ class Trainer:
             raise CheckpointError(f"{path}: optimizer state does not fit this run ({exc})") from exc
         self.epoch, self.best = int(ckpt["epoch"]), float(ckpt.get("best_val_dice", -math.inf))
         self.top = [tuple(t) for t in ckpt.get("top", [])]
+        self.step = int(ckpt.get("step", 0))
         if "torch_rng" in ckpt:
             torch.set_rng_state(ckpt["torch_rng"])
 
@@ -154,10 +156,19 @@ class Trainer:
         t = self.cache.pair_tensors(pair, self.device)
         u = self.model(t["moving"], t["fixed"])
         loss, terms = self.objective(t["moving"], t["fixed"], u, t.get("moving_label"), t.get("fixed_label"))
+        tc = self.run.train
+        for group in self.optimizer.param_groups:
+            group["lr"] = tc.lr * min(1.0, (self.step + 1) / tc.warmup_steps) if tc.warmup_steps else tc.lr
+        self.step += 1
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         return terms
+
+    def out_of_time(self) -> bool:
+        """True once ``train.max_minutes`` of wall time have passed since this trainer started."""
+        limit = self.run.train.max_minutes
+        return limit > 0 and time.time() - self.started > 60.0 * limit
 
     def run_epoch(self) -> dict:
         tc = self.run.train
@@ -167,6 +178,8 @@ class Trainer:
         bar = tqdm(order, desc=f"epoch {self.epoch + 1}/{tc.epochs}", leave=False,
                    disable=None if self.progress is None else not self.progress)
         for i in bar:
+            if self.out_of_time() and steps:
+                break            # the time budget ends this epoch early (validated and saved as usual)
             for pair in self.items[i]:
                 terms = self.train_step(pair)
                 steps += 1
@@ -184,7 +197,7 @@ class Trainer:
         return row
 
     def fit(self) -> list[dict]:
-        while self.epoch < self.run.train.epochs:
+        while self.epoch < self.run.train.epochs and not (self.out_of_time() and self.log):
             row = self.run_epoch()
             print(f"epoch {row['epoch']}/{self.run.train.epochs}: loss {row['loss']:.4f}  "
                   f"val Dice {row['val_dice']:.4f}  ({row['seconds']:.1f} s)", flush=True)

@@ -167,11 +167,13 @@ class TrainConfig:
     reg_penalty: str = "l2"
     dice_weight: float = 0.0
     lr: float = 4e-4
+    warmup_steps: int = 0            # linear learning-rate warm-up over the first steps (0 = none)
     amsgrad: bool = True
     epochs: int = 50
     max_pairs: int = 0               # training items per epoch (0 = all)
     val_max_pairs: int = 0           # validation pairs per epoch (0 = all)
     keep_top_k: int = 3              # dsc0.xxxx_ep0000 checkpoints kept
+    max_minutes: float = 0.0         # stop training after this wall time (0 = no limit)
     seed: int = 0
 
     def __post_init__(self):

@@ -19,8 +19,15 @@ def _fp32(*xs: torch.Tensor):
 
 
 def _box_mean(x: torch.Tensor, win: int) -> torch.Tensor:
-    """Local mean over a cubic window of side ``win`` (zero-padded, divided by win**3)."""
-    return F.avg_pool3d(x, win, stride=1, padding=win // 2, count_include_pad=True)
+    """Local mean over a cubic window of side ``win`` (zero-padded, divided by win**3).
+
+    The zero-padded box is separable: three 1-D passes cost 3 win operations per voxel
+    instead of win**3.
+    """
+    r = win // 2
+    for kernel, pad in (((win, 1, 1), (r, 0, 0)), ((1, win, 1), (0, r, 0)), ((1, 1, win), (0, 0, r))):
+        x = F.avg_pool3d(x, kernel, stride=1, padding=pad, count_include_pad=True)
+    return x
 
 
 # ---------------------------------------------------------------------------

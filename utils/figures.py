@@ -1,0 +1,157 @@
+"""Figures of a registration (matplotlib, Agg backend; every function writes one PNG).
+
+Slices are taken through the middle of the volume in the three planes of the array axes
+(axis 0, 1 and 2 fixed in turn); arrays are (D, H, W) numpy arrays or tensors.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import TwoSlopeNorm  # noqa: E402
+
+from .checks import as_numpy, as_spatial_field  # noqa: E402
+
+PLANES = ("axis 0", "axis 1", "axis 2")
+
+
+def _vol(x) -> np.ndarray:
+    a = as_numpy(x, np.float64)
+    while a.ndim > 3:
+        a = a[0]
+    return a
+
+
+def _slice(vol: np.ndarray, axis: int, index: int | None = None) -> np.ndarray:
+    index = vol.shape[axis] // 2 if index is None else index
+    return np.rot90(np.take(vol, index, axis=axis))
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def registration_panels(moving, fixed, warped, path, title: str = "") -> Path:
+    """Moving / fixed / warped / |warped - fixed| (and |moving - fixed|) in three planes."""
+    m, f, w = _vol(moving), _vol(fixed), _vol(warped)
+    cols = [("moving", m, "gray"), ("fixed", f, "gray"), ("warped", w, "gray"),
+            ("|moving - fixed|", np.abs(m - f), "magma"), ("|warped - fixed|", np.abs(w - f), "magma")]
+    vmax_diff = max(np.abs(m - f).max(), 1e-8)
+    fig, axes = plt.subplots(3, len(cols), figsize=(2.6 * len(cols), 8))
+    for r in range(3):
+        for c, (name, vol, cmap) in enumerate(cols):
+            ax = axes[r, c]
+            kw = {"vmin": 0, "vmax": vmax_diff} if "|" in name else {}
+            ax.imshow(_slice(vol, r), cmap=cmap, **kw)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(name)
+            if c == 0:
+                ax.set_ylabel(PLANES[r])
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def deformation_grid(u, path, spacing: int = 4, background=None, title: str = "") -> Path:
+    """A regular grid deformed by the in-plane components of u, on the middle slice of each plane.
+
+    Each grid point p is drawn at p + u_plane(p): the grid shows where each fixed voxel samples
+    the moving image.
+    """
+    u = as_spatial_field(u)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.5))
+    for axis in range(3):
+        ax = axes[axis]
+        a, b = [k for k in range(3) if k != axis]
+        mid = u.shape[1 + axis] // 2
+        ua, ub = np.take(u[a], mid, axis=axis), np.take(u[b], mid, axis=axis)
+        ii, jj = np.meshgrid(np.arange(ua.shape[0]), np.arange(ua.shape[1]), indexing="ij")
+        ya, xb = ii + ua, jj + ub
+        if background is not None:
+            ax.imshow(np.take(_vol(background), mid, axis=axis), cmap="gray", origin="lower", alpha=0.6)
+        for k in range(0, ua.shape[0], spacing):
+            ax.plot(xb[k, :], ya[k, :], color="tab:red", lw=0.7)
+        for k in range(0, ua.shape[1], spacing):
+            ax.plot(xb[:, k], ya[:, k], color="tab:red", lw=0.7)
+        ax.set_aspect("equal")
+        ax.set_title(f"{PLANES[axis]} = {mid}")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def jacobian_map(det, path, title: str = "") -> Path:
+    """Jacobian determinant on the middle slices, colours centred at 1; voxels with |J| <= 0 circled."""
+    det = _vol(det)
+    lo, hi = min(det.min(), 0.99), max(det.max(), 1.01)
+    norm = TwoSlopeNorm(vmin=lo, vcenter=1.0, vmax=hi)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.5))
+    for axis in range(3):
+        sl = _slice(det, axis)
+        im = axes[axis].imshow(sl, cmap="RdBu_r", norm=norm)
+        folds = np.argwhere(sl <= 0)
+        if len(folds):
+            axes[axis].scatter(folds[:, 1], folds[:, 0], s=12, facecolors="none", edgecolors="k", linewidths=0.8)
+        axes[axis].set_title(f"{PLANES[axis]}: {int((sl <= 0).sum())} folded voxels")
+        axes[axis].set_xticks([])
+        axes[axis].set_yticks([])
+    fig.colorbar(im, ax=axes, shrink=0.8, label="|J|")
+    fig.suptitle(title or f"Jacobian determinant: {100 * (det <= 0).mean():.4f}% of voxels with |J| <= 0")
+    return _save(fig, path)
+
+
+def dice_boxplot(initial: np.ndarray, registered: np.ndarray, names, path, title: str = "") -> Path:
+    """Per-structure Dice over cases, initial vs registered: (cases, structures) arrays."""
+    initial, registered = np.asarray(initial, float), np.asarray(registered, float)
+    n = initial.shape[1]
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * n + 2), 4.5))
+    pos = np.arange(n)
+    for data, offset, colour, label in ((initial, -0.18, "tab:gray", "initial"),
+                                        (registered, 0.18, "tab:blue", "registered")):
+        cols = [c[np.isfinite(c)] for c in data.T]
+        bp = ax.boxplot(cols, positions=pos + offset, widths=0.32, patch_artist=True, manage_ticks=False)
+        for box in bp["boxes"]:
+            box.set_facecolor(colour)
+            box.set_alpha(0.6)
+        ax.plot([], [], color=colour, lw=8, alpha=0.6, label=label)
+    ax.set_xticks(pos)
+    ax.set_xticklabels([str(v) for v in names], rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("Dice")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="lower right")
+    ax.set_title(title or "Dice per structure")
+    return _save(fig, path)
+
+
+def training_curves(log_csv, path, title: str = "") -> Path:
+    """Training loss and validation Dice per epoch, from a train_log.csv."""
+    with open(log_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    epochs = [int(r["epoch"]) for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in ("loss", "sim", "reg", "dice_loss"):
+        vals = [float(r[key]) for r in rows]
+        if any(vals):
+            a.plot(epochs, vals, marker="o", label=key)
+    a.set_xlabel("epoch")
+    a.set_ylabel("training loss")
+    a.legend()
+    b.plot(epochs, [float(r["val_dice"]) for r in rows], marker="o", color="tab:green")
+    b.set_xlabel("epoch")
+    b.set_ylabel("validation Dice")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
