@@ -38,7 +38,10 @@ def demo_run(args) -> RunConfig:
     data = DataConfig(name="Demo", layout="oasis", root=str(args.data_dir), labels=DEMO_LABELS,
                       image_size=(40, 48, 40) if quick else (80, 96, 80), val_subjects=1 if quick else 2)
     model = ModelConfig(widths=(8, 16, 32, 64, 128), window_size=(5, 6, 5))
-    train = TrainConfig(epochs=1000, max_minutes=args.minutes, seed=args.seed, keep_top_k=1)
+    # short CPU budget: warm the learning rate up (the first Adam steps otherwise throw the
+    # coarse fields far off) and take both directions of an atlas item as one batch
+    train = TrainConfig(epochs=1000, max_minutes=args.minutes, seed=args.seed, keep_top_k=1,
+                        warmup_steps=30, pair_batch=True)
     return RunConfig(data=data, model=model, train=train, device=args.device,
                      checkpoint_dir=str(args.out_dir / "checkpoint"), output_dir=str(args.out_dir))
 
@@ -94,9 +97,7 @@ def main(argv=None) -> int:
         write_demo_dataset(args.data_dir, n_train, n_test, seed=args.seed, settings=settings)
 
     run = demo_run(args)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    print(f"training PLCReg ({sum(1 for _ in run.model.widths)} levels, widths {run.model.widths}) "
-          f"for {args.minutes:g} min on {run.device}")
+    print(f"training PLCReg (widths {run.model.widths}) for {args.minutes:g} min on {run.device}")
     progress = False if args.no_progress else None
     trainer = Trainer(run, progress=progress)
     trainer.fit()

@@ -152,8 +152,15 @@ class Trainer:
             (self.dir / old).unlink(missing_ok=True)
 
     # -- steps ------------------------------------------------------------------
-    def train_step(self, pair) -> dict:
-        t = self.cache.pair_tensors(pair, self.device)
+    def _batch(self, pairs) -> dict:
+        """Tensors of one or more same-size pairs stacked along the batch axis."""
+        ts = [self.cache.pair_tensors(p, self.device) for p in pairs]
+        keys = [k for k in ("moving", "fixed", "moving_label", "fixed_label") if all(k in t for t in ts)]
+        return {k: torch.cat([t[k] for t in ts]) for k in keys}
+
+    def train_step(self, pairs) -> dict:
+        """One optimiser step on a list of pairs (a batch)."""
+        t = self._batch(pairs)
         u = self.model(t["moving"], t["fixed"])
         loss, terms = self.objective(t["moving"], t["fixed"], u, t.get("moving_label"), t.get("fixed_label"))
         tc = self.run.train
@@ -180,8 +187,9 @@ class Trainer:
         for i in bar:
             if self.out_of_time() and steps:
                 break            # the time budget ends this epoch early (validated and saved as usual)
-            for pair in self.items[i]:
-                terms = self.train_step(pair)
+            batches = [self.items[i]] if self.run.train.pair_batch else [[p] for p in self.items[i]]
+            for batch in batches:
+                terms = self.train_step(batch)
                 steps += 1
                 for k, v in terms.items():
                     sums[k] += v

@@ -168,6 +168,7 @@ class TrainConfig:
     dice_weight: float = 0.0
     lr: float = 4e-4
     warmup_steps: int = 0            # linear learning-rate warm-up over the first steps (0 = none)
+    pair_batch: bool = False         # one step per item with its pairs as a batch (atlas: both directions)
     amsgrad: bool = True
     epochs: int = 50
     max_pairs: int = 0               # training items per epoch (0 = all)

@@ -94,13 +94,13 @@ def intensity_changes(img: np.ndarray, rng: np.random.Generator, s: DemoSettings
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
-def make_subject(t1: np.ndarray, labels: np.ndarray, seed: int, s: DemoSettings | None = None):
+def make_subject(t1: np.ndarray, labels: np.ndarray, seed: int, settings: DemoSettings | None = None):
     """One synthetic subject: (image, labels, displacement u (1, 3, D, H, W)).
 
     ``image(x) = intensity(t1(x + u(x)))`` and ``labels(x) = template_labels(x + u(x))``,
     with u the deformation followed by the affine.
     """
-    s = s or DemoSettings()
+    s = settings or DemoSettings()
     rng = np.random.default_rng(seed)
     shape = t1.shape
     u_def = integrate_velocity(random_velocity(shape, rng, s.max_velocity / s.downsample,
