@@ -25,9 +25,8 @@ from engine.infer import infer
 from engine.train import Trainer
 from utils import figures
 from utils.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from utils.datasets import VolumeCache
 from utils.demo_data import DEMO_LABELS, DemoSettings, write_demo_dataset
-from utils.metrics import jacobian_determinant
+from utils.metrics import dice_per_label, jacobian_determinant
 from utils.spatial import warp
 
 ROOT = Path(__file__).resolve().parent
@@ -48,7 +47,7 @@ def demo_run(args) -> RunConfig:
 
 def make_figures(run: RunConfig, trainer: Trainer, result: dict, out_dir: Path) -> list[Path]:
     pairs = trainer.index.test_pairs()
-    cache = VolumeCache(run.data)
+    cache = trainer.cache            # the volumes are already read and normalised
     t = cache.pair_tensors(pairs[0], trainer.device)
     model = trainer.model.eval()
     with torch.inference_mode():
@@ -58,7 +57,6 @@ def make_figures(run: RunConfig, trainer: Trainer, result: dict, out_dir: Path) 
     label_cols = [f"dice_{v}" for v in run.data.labels]
     registered = np.array([[r.get(c, np.nan) for c in label_cols] for r in result["rows"]], dtype=float)
     initial = []
-    from utils.metrics import dice_per_label
     for p in pairs[:len(result["rows"])]:
         tp = cache.pair_tensors(p)
         initial.append(dice_per_label(tp["moving_label"], tp["fixed_label"], run.data.labels))

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from models import build_model, load_weights
-from utils.checkpoint import CheckpointError, atomic_save, read_checkpoint
+from utils.checkpoint import FORMAT, CheckpointError, atomic_save, read_checkpoint
 from utils.config import RunConfig
 from utils.datasets import DatasetIndex, VolumeCache, discover
 from utils.io import DataError
@@ -111,7 +111,6 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------
     def _state(self) -> dict:
-        from utils.checkpoint import FORMAT
         return {"format": FORMAT, "model_config": self.run.model.to_dict(), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "best_val_dice": self.best,
                 "step": self.step, "top": self.top, "run_config": self.run.to_dict(), "torch_rng": torch.get_rng_state(),

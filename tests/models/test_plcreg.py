@@ -1,5 +1,4 @@
 """The full network: shapes at awkward sizes, gradients, options, checkpoints and real learning."""
-import os
 
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """The demo generator: invertible deformations, labels that move with images, seeded, OASIS layout."""
 import numpy as np
-import torch
 from scipy import ndimage
 
 from utils.config import preset

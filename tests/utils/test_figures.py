@@ -3,7 +3,6 @@ import csv
 
 import matplotlib.image as mpimg
 import numpy as np
-import pytest
 import torch
 
 from tests.helpers import smooth_field, smooth_image
