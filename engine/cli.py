@@ -42,12 +42,29 @@ def train_parser(dataset: str) -> argparse.ArgumentParser:
 def infer_parser(dataset: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"Infer_{dataset}.py", description=f"Evaluate PLCReg on the {dataset} test pairs.")
     _common(p)
-    p.add_argument("--checkpoint", help=f"default Checkpoint/{dataset}/best.pth")
+    p.add_argument("--checkpoint", help=f"default Checkpoint/{dataset}/best.pth; 'none' = no network "
+                                        "(instance optimisation from a zero field)")
     p.add_argument("--output-dir", help=f"default Results/{dataset}")
     p.add_argument("--save-nifti", action="store_true", help="write warped image, warped label and displacement")
     p.add_argument("--label-interpolation", choices=["nearest", "onehot"])
     p.add_argument("--hd95-mm", action="store_true", help="HD95 in mm (image spacing) instead of voxels")
+    add_io_arguments(p)
     return p
+
+
+def add_io_arguments(p: argparse.ArgumentParser) -> None:
+    """--io-steps, --io-lr, --io-weight: instance optimisation of each pair (engine/instance_opt.py)."""
+    p.add_argument("--io-steps", type=int, help="instance optimisation steps per pair (default 0 = none)")
+    p.add_argument("--io-lr", type=float, help="instance optimisation learning rate (default 2.0)")
+    p.add_argument("--io-weight", type=float, help="smoothness weight of instance optimisation (default 5.0)")
+
+
+def apply_io_arguments(run: RunConfig, args) -> None:
+    for flag, name in (("io_steps", "io_steps"), ("io_lr", "io_lr"), ("io_weight", "io_weight")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            setattr(run.eval, name, value)
+    run.eval.__post_init__()
 
 
 def build_run(dataset: str, args, training: bool) -> RunConfig:
@@ -81,6 +98,7 @@ def build_run(dataset: str, args, training: bool) -> RunConfig:
             run.eval.label_interpolation = args.label_interpolation
         if args.hd95_mm:
             run.eval.hd95_spacing = True
+        apply_io_arguments(run, args)
     return run
 
 
@@ -116,7 +134,7 @@ def infer_main(dataset: str, argv=None) -> int:
     checkpoint = Path(args.checkpoint or f"Checkpoint/{dataset}/best.pth")
     try:
         result = infer(run, checkpoint, save_nifti=args.save_nifti, progress=False if args.no_progress else None)
-    except (DataError, CheckpointError) as exc:
+    except (DataError, CheckpointError, ValueError) as exc:
         return _fail(str(exc))
     print(result["table"])
     print(f"results in {result['paths']['summary_json'].parent}")

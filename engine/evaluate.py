@@ -22,6 +22,9 @@ SUMMARY_COLUMNS = [
     ("pct_nonpos_jac", "%|J|<=0", "{:.4f}"),
     ("sdlogj", "SDlogJ", "{:.4f}"),
     ("seconds", "s/pair", "{:.3f}"),
+    ("dice_before_io", "Dice before IO", "{:.4f}"),
+    ("pct_nonpos_jac_before_io", "%|J|<=0 before IO", "{:.4f}"),
+    ("io_seconds", "IO s/pair", "{:.3f}"),
 ]
 
 
@@ -45,6 +48,14 @@ def evaluate_pair(u: torch.Tensor, moving_label: torch.Tensor | None, fixed_labe
         for lab, d in zip([v for v in labels if v != 0], per_label):
             row[f"dice_{lab}"] = d
     return row, warped
+
+
+def label_dice(u: torch.Tensor, moving_label, fixed_label, labels, label_interpolation: str = "nearest") -> float:
+    """Mean Dice over ``labels`` after warping the moving label map by ``u`` (NaN without labels)."""
+    if moving_label is None or fixed_label is None:
+        return float("nan")
+    warped = warp_labels(moving_label, u.float(), label_interpolation, label_values=labels)
+    return _nanmean(dice_per_label(warped, fixed_label, labels))
 
 
 def _nanmean(a) -> float:

@@ -1,7 +1,9 @@
 """Inference: register every test pair, score it, write per-case and summary results.
 
 Seconds per pair time the network's forward pass only (synchronised on CUDA), as in the
-paper; warping and metrics are not included.
+paper; warping and metrics are not included. With instance optimisation (``eval.io_steps``)
+its time is reported separately (``io_seconds``), with Dice and %|J|<=0 before it.
+The checkpoint ``none`` runs without a network: instance optimisation from a zero field.
 """
 from __future__ import annotations
 
@@ -17,7 +19,10 @@ from utils.datasets import DatasetIndex, VolumeCache, discover
 from utils.io import DataError, save_like
 from utils.spatial import warp
 
-from .evaluate import evaluate_pair, format_summary_table, summarise, write_results
+from utils.metrics import jacobian_stats
+
+from .evaluate import evaluate_pair, format_summary_table, label_dice, summarise, write_results
+from .instance_opt import io_similarity, refine_for_run
 from .runtime import command_line, package_versions, resolve_device, synchronize
 
 
@@ -35,6 +40,36 @@ def save_pair_outputs(out_dir: Path, name: str, fixed_volume, warped: torch.Tens
                   out_dir / f"{name}_warped_label.nii.gz")
 
 
+def no_network(checkpoint) -> bool:
+    """True for the checkpoint name 'none' (register by instance optimisation alone)."""
+    return checkpoint is not None and str(checkpoint).lower() == "none"
+
+
+def register_tensors(model, run: RunConfig, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Displacement (B, 3, D, H, W) of one pair: the network (or zero without one), then
+    instance optimisation when ``run.eval.io_steps`` > 0.
+
+    Returns (u, info): info has ``seconds`` (network) and, with IO, ``io_seconds`` and
+    ``u_before_io``.
+    """
+    device = fixed.device
+    synchronize(device)
+    t0 = time.perf_counter()
+    if model is None:
+        u = fixed.new_zeros((fixed.shape[0], 3, *fixed.shape[2:]), dtype=torch.float32)
+    else:
+        with torch.inference_mode():
+            u = model(moving, fixed)
+    synchronize(device)
+    info = {"seconds": time.perf_counter() - t0}
+    if run.eval.io_steps:
+        refined = refine_for_run(run, moving, fixed, u)
+        synchronize(device)
+        info.update(io_seconds=refined.seconds, u_before_io=u)
+        u = refined.u
+    return u, info
+
+
 def infer(run: RunConfig, checkpoint, *, data_root=None, save_nifti: bool = False, progress: bool | None = None,
           index: DatasetIndex | None = None, model=None) -> dict:
     """Evaluate a checkpoint (or a given model) on the data set's test pairs.
@@ -43,9 +78,14 @@ def infer(run: RunConfig, checkpoint, *, data_root=None, save_nifti: bool = Fals
     summary.json into the run's output folder (and NIfTI outputs with ``save_nifti``).
     """
     device = resolve_device(run.device)
-    if model is None:
+    if no_network(checkpoint):
+        if not run.eval.io_steps:
+            raise ValueError("checkpoint 'none' registers by instance optimisation alone: set io_steps > 0")
+        model = None
+    elif model is None:
         model, _ = load_model(checkpoint)
-    model = model.to(device).eval()
+    if model is not None:
+        model = model.to(device).eval()
     index = index or discover(run.data, data_root, run.train.seed)
     pairs = index.test_pairs()
     if run.eval.max_pairs:
@@ -58,17 +98,18 @@ def infer(run: RunConfig, checkpoint, *, data_root=None, save_nifti: bool = Fals
     rows = []
     for pair in tqdm(pairs, desc="inference", disable=None if progress is None else not progress):
         t = cache.pair_tensors(pair, device)
-        synchronize(device)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            u = model(t["moving"], t["fixed"])
-        synchronize(device)
-        seconds = time.perf_counter() - t0
+        u, info = register_tensors(model, run, t["moving"], t["fixed"])
         spacing = t["fixed_volume"].spacing if run.eval.hd95_spacing else None
         row, warped_label = evaluate_pair(u, t.get("moving_label"), t.get("fixed_label"), labels,
                                           run.eval.label_interpolation, spacing)
-        rows.append({"case": pair.name, "moving": pair.moving.image, "fixed": pair.fixed.image, **row,
-                     "seconds": seconds})
+        row["seconds"] = info["seconds"]
+        if "u_before_io" in info:
+            before = info["u_before_io"]
+            row["dice_before_io"] = label_dice(before, t.get("moving_label"), t.get("fixed_label"), labels,
+                                               run.eval.label_interpolation)
+            row["pct_nonpos_jac_before_io"] = jacobian_stats(before)["pct_nonpos_jac"]
+            row["io_seconds"] = info["io_seconds"]
+        rows.append({"case": pair.name, "moving": pair.moving.image, "fixed": pair.fixed.image, **row})
         if save_nifti:
             save_pair_outputs(out_dir / "nifti", pair.name, t["fixed_volume"], warp(t["moving"], u), u,
                               warped_label)
@@ -77,8 +118,14 @@ def infer(run: RunConfig, checkpoint, *, data_root=None, save_nifti: bool = Fals
             "command": command_line(), "versions": package_versions(), "device": str(device),
             "label_interpolation": run.eval.label_interpolation,
             "hd95_units": "mm" if run.eval.hd95_spacing else "voxels", "config": run.to_dict(),
-            "model_config": model.config.to_dict()}
+            "model_config": model.config.to_dict() if model is not None else None,
+            "instance_optimisation": ({k: v for k, v in run.eval.__dict__.items() if k.startswith("io_")}
+                                      | {"similarity": io_similarity(run.train.similarity)})
+            if run.eval.io_steps else None}
     paths = write_results(out_dir, rows, summary, meta)
-    table = format_summary_table(summary, f"{run.data.name}: {len(rows)} test pairs "
+    method = "PLCReg" if model is not None else "no network"
+    if run.eval.io_steps:
+        method += f" + {run.eval.io_steps} IO steps"
+    table = format_summary_table(summary, f"{run.data.name}: {len(rows)} test pairs, {method} "
                                           f"(labels warped by {run.eval.label_interpolation})")
     return {"rows": rows, "summary": summary, "paths": paths, "table": table}

@@ -190,10 +190,24 @@ class EvalConfig:
     label_interpolation: str = "nearest"   # 'nearest' or 'onehot'
     hd95_spacing: bool = False             # HD95 in mm (image spacing) instead of voxels
     max_pairs: int = 0                     # test pairs evaluated (0 = all)
+    # instance optimisation (engine/instance_opt.py): refine each pair's field on its own
+    # unsupervised loss (the run's similarity; MIND when training used labels only)
+    io_steps: int = 0                      # Adam steps per pair (0 = the network's field as it is)
+    io_lr: float = 2.0                     # voxels of the optimisation grid per step
+    io_weight: float = 5.0                 # weight of the Grad-l2 smoothness term
+    io_scale: int = 2                      # optimise on a grid this many times coarser
+    io_smoothing: int = 3                  # 3x3x3 mean filters applied to the correction
+    io_ncc_window: int = 5                 # NCC window on the optimisation grid
 
     def __post_init__(self):
         if self.label_interpolation not in ("nearest", "onehot"):
             raise ValueError(f"EvalConfig.label_interpolation must be nearest or onehot, got {self.label_interpolation!r}")
+        if self.io_steps < 0 or self.io_lr <= 0 or self.io_weight < 0 or self.io_scale < 1 or self.io_smoothing < 0:
+            raise ValueError("EvalConfig: expected io_steps >= 0, io_lr > 0, io_weight >= 0, io_scale >= 1, "
+                             f"io_smoothing >= 0; got {self.io_steps}, {self.io_lr}, {self.io_weight}, "
+                             f"{self.io_scale}, {self.io_smoothing}")
+        if self.io_ncc_window < 1 or self.io_ncc_window % 2 == 0:
+            raise ValueError(f"EvalConfig.io_ncc_window must be a positive odd integer, got {self.io_ncc_window}")
 
 
 @dataclass

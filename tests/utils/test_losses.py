@@ -7,7 +7,7 @@ import torch
 from scipy import ndimage
 
 from tests.helpers import smooth_image
-from utils.losses import (MINDSSC, NCC, Grad, dice_loss, grad_loss, mind_loss, mind_ssc, mse_loss, ncc_loss,
+from utils.losses import (MINDSSC, NCC, Grad, box_sum, dice_loss, grad_loss, mind_loss, mind_ssc, mse_loss, ncc_loss,
                           one_hot)
 
 SHAPE = (14, 12, 10)
@@ -32,6 +32,18 @@ def test_ncc_matches_loop_reference():
     for win in (3, 5):
         ours = ncc_loss(p, t, win=win).item()
         assert ours == pytest.approx(_ncc_reference(p[0, 0].numpy(), t[0, 0].numpy(), win), abs=1e-10)
+
+
+def test_ncc_float32_close_to_float64_on_a_brain_sized_axis():
+    """Running sums in float32 along long axes must not lose the local statistics."""
+    rng = np.random.default_rng(0)
+    p = torch.from_numpy(rng.random((1, 1, 24, 160, 20)))
+    t = (p + 0.3 * torch.from_numpy(rng.random(p.shape))).clamp(0, 1)
+    ref = ncc_loss(p, t, win=9).item()
+    assert ncc_loss(p.float(), t.float(), win=9).item() == pytest.approx(ref, abs=1e-4)
+    # the window sums themselves, against scipy's uniform filter in float64
+    ours = box_sum(p.float(), 9)[0, 0].double().numpy()
+    assert np.allclose(ours, ndimage.uniform_filter(p[0, 0].numpy(), 9, mode="constant") * 729, atol=2e-3)
 
 
 def test_ncc_of_identical_images_is_minus_one():
