@@ -1,0 +1,186 @@
+"""Register a user's own NIfTI pairs with a checkpoint (``register.py``).
+
+For each pair: the moving image (and label) is resampled onto the fixed image's grid when
+the two grids differ (through their affines, so world positions are kept); intensities are
+normalised as the checkpoint was trained (its run config; min-max without one); the
+network computes on a grid padded to multiples of 16 and crops its field back; optional
+instance optimisation refines it. Written with the fixed image's geometry:
+``<name>_warped.nii.gz`` (the moving image in its own intensities), ``<name>_displacement.nii.gz``
+and, with a moving label, ``<name>_warped_label.nii.gz``; plus per_case.csv, summary.csv and
+summary.json (metrics, notes on what was resampled or padded, the command and settings).
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models import load_model
+from models.plcreg import padded_size
+from utils.config import RunConfig
+from utils.datasets import normalise
+from utils.io import DataError, Volume, load_nifti, save_like
+from utils.resample import resample_to_grid, same_grid
+from utils.spatial import warp, warp_labels
+
+from .evaluate import evaluate_pair, format_summary_table, summarise, write_results
+from .infer import no_network, register_tensors
+from .runtime import command_line, package_versions, resolve_device
+
+PAIR_COLUMNS = ("moving", "fixed", "moving_label", "fixed_label", "name")
+
+
+@dataclass
+class PairFiles:
+    moving: str
+    fixed: str
+    moving_label: str = ""
+    fixed_label: str = ""
+    name: str = ""
+
+    @property
+    def case(self) -> str:
+        return self.name or f"{_stem(self.moving)}_to_{_stem(self.fixed)}"
+
+
+def _stem(path: str) -> str:
+    name = Path(path).name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
+
+
+def read_pairs_csv(path) -> list[PairFiles]:
+    """Pairs from a CSV with columns moving, fixed and optionally moving_label, fixed_label, name.
+
+    Relative paths are taken relative to the CSV's folder.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        missing = {"moving", "fixed"} - set(columns)
+        if missing:
+            raise DataError(f"{path}: missing column(s) {sorted(missing)}; expected {', '.join(PAIR_COLUMNS)}")
+        unknown = set(columns) - set(PAIR_COLUMNS)
+        if unknown:
+            raise DataError(f"{path}: unknown column(s) {sorted(unknown)}; expected {', '.join(PAIR_COLUMNS)}")
+        pairs = []
+        for line, row in enumerate(reader, start=2):
+            row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+            if not row.get("moving") or not row.get("fixed"):
+                raise DataError(f"{path}: line {line}: moving and fixed are required")
+            resolved = {k: str(path.parent / v) if v and k != "name" and not Path(v).is_absolute() else v
+                        for k, v in row.items()}
+            pairs.append(PairFiles(**resolved))
+    if not pairs:
+        raise DataError(f"{path}: no pairs")
+    names = [p.case for p in pairs]
+    if len(set(names)) != len(names):
+        raise DataError(f"{path}: two pairs would write the same output name; add a 'name' column")
+    return pairs
+
+
+def _onto_fixed(volume: Volume, fixed: Volume, order: int, notes: list[str], what: str) -> np.ndarray:
+    if same_grid(volume.array.shape, volume.affine, fixed.array.shape, fixed.affine):
+        return volume.array
+    notes.append(f"{what} resampled onto the fixed grid {fixed.array.shape} "
+                 f"({'nearest' if order == 0 else 'trilinear'}, through the affines)")
+    return resample_to_grid(volume.array, volume.affine, fixed.array.shape, fixed.affine, order=order)
+
+
+def load_pair(files: PairFiles, data_cfg) -> dict:
+    """Arrays of a pair on the fixed grid: raw and normalised moving, normalised fixed, labels, notes."""
+    fixed = load_nifti(files.fixed, "image")
+    moving = load_nifti(files.moving, "image")
+    notes: list[str] = []
+    raw_moving = _onto_fixed(moving, fixed, 1, notes, "moving image")
+    out = {"fixed_volume": fixed, "raw_moving": raw_moving, "notes": notes,
+           "moving": normalise(raw_moving, data_cfg.normalisation, data_cfg.ct_window),
+           "fixed": normalise(fixed.array, data_cfg.fixed_normalisation or data_cfg.normalisation,
+                              data_cfg.ct_window)}
+    if files.fixed_label:
+        fl = load_nifti(files.fixed_label, "label")
+        if not same_grid(fl.array.shape, fl.affine, fixed.array.shape, fixed.affine):
+            raise DataError(f"{files.fixed_label}: label map is not on the grid of its image {files.fixed}")
+        out["fixed_label"] = fl.array
+    if files.moving_label:
+        ml = load_nifti(files.moving_label, "label")
+        if ml.array.shape != moving.array.shape:
+            raise DataError(f"{files.moving_label}: shape {ml.array.shape} differs from its image "
+                            f"{files.moving} {moving.array.shape}")
+        out["moving_label"] = _onto_fixed(ml, fixed, 0, notes, "moving label")
+    return out
+
+
+def run_config_of(ckpt: dict | None) -> RunConfig:
+    """The run config saved with a checkpoint (normalisation, similarity), else the defaults."""
+    if ckpt and "run_config" in ckpt:
+        try:
+            return RunConfig.from_dict(ckpt["run_config"])
+        except (KeyError, TypeError, ValueError):
+            pass
+    return RunConfig()
+
+
+def register_files(pairs: list[PairFiles], checkpoint, out_dir, *, run: RunConfig | None = None,
+                   io_settings: dict | None = None, device: str = "auto", progress: bool | None = None,
+                   log=print) -> dict:
+    """Register every pair and write its outputs; returns {"rows", "summary", "paths", "table"}."""
+    device = resolve_device(device)
+    model, ckpt = (None, None) if no_network(checkpoint) else load_model(checkpoint)
+    run = run or run_config_of(ckpt)
+    for key, value in (io_settings or {}).items():
+        setattr(run.eval, key, value)
+    run.eval.__post_init__()
+    if model is None and not run.eval.io_steps:
+        raise ValueError("checkpoint 'none' registers by instance optimisation alone: give --io-steps > 0")
+    if model is not None:
+        model = model.to(device).eval()
+    out_dir = Path(out_dir)
+    rows = []
+    for files in tqdm(pairs, desc="registration", disable=None if progress is None else not progress):
+        p = load_pair(files, run.data)
+        shape = p["fixed"].shape
+        if model is not None and padded_size(shape) != tuple(shape):
+            p["notes"].append(f"network input zero-padded from {shape} to {padded_size(shape)}, field cropped back")
+        for note in p["notes"]:
+            log(f"{files.case}: {note}")
+        as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a))[None, None].to(device)  # noqa: E731
+        u, info = register_tensors(model, run, as_tensor(p["moving"]), as_tensor(p["fixed"]))
+        ml, fl = (as_tensor(p[k]) if k in p else None for k in ("moving_label", "fixed_label"))
+        labels = sorted(set(np.unique(p["fixed_label"]).tolist()) - {0}) if fl is not None else []
+        row, warped_label = evaluate_pair(u, ml, fl, labels, run.eval.label_interpolation)
+        row.update(seconds=info["seconds"], **({"io_seconds": info["io_seconds"]} if "io_seconds" in info else {}))
+        fixed_vol = p["fixed_volume"]
+        warped = warp(as_tensor(p["raw_moving"].astype(np.float32)), u)
+        save_like(warped[0, 0].cpu().numpy(), fixed_vol, out_dir / f"{files.case}_warped.nii.gz", dtype=np.float32)
+        save_like(u[0].float().cpu().numpy(), fixed_vol, out_dir / f"{files.case}_displacement.nii.gz",
+                  dtype=np.float32)
+        if ml is not None:
+            wl = warped_label if warped_label is not None else warp_labels(ml, u, run.eval.label_interpolation)
+            save_like(wl[0, 0].cpu().numpy(), fixed_vol, out_dir / f"{files.case}_warped_label.nii.gz",
+                      dtype=np.int16)
+        rows.append({"case": files.case, "moving": files.moving, "fixed": files.fixed, **row,
+                     "notes": "; ".join(p["notes"])})
+    summary = summarise(rows)
+    meta = {"checkpoint": str(checkpoint), "command": command_line(), "versions": package_versions(),
+            "device": str(device), "normalisation": run.data.normalisation,
+            "fixed_normalisation": run.data.fixed_normalisation or run.data.normalisation,
+            "label_interpolation": run.eval.label_interpolation,
+            "instance_optimisation": {k: v for k, v in vars(run.eval).items() if k.startswith("io_")},
+            "displacement": "voxels of the fixed grid, component i along array axis i; "
+                            "warped(x) = moving(x + u(x))"}
+    paths = write_results(out_dir, rows, summary, meta)
+    table = format_summary_table(summary, f"{len(rows)} pair(s) registered")
+    return {"rows": rows, "summary": summary, "paths": paths, "table": table}
+
+
+__all__ = ["PairFiles", "read_pairs_csv", "load_pair", "register_files", "run_config_of"]

@@ -1,0 +1,31 @@
+"""Resampling a volume onto another volume's voxel grid through their affines (world space)."""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def same_grid(shape_a, affine_a, shape_b, affine_b, atol: float = 1e-4) -> bool:
+    """True when two volumes share shape and voxel-to-world affine (within ``atol`` mm)."""
+    return tuple(shape_a) == tuple(shape_b) and np.allclose(affine_a, affine_b, atol=atol)
+
+
+def resample_to_grid(array: np.ndarray, affine: np.ndarray, shape, reference_affine: np.ndarray,
+                     order: int = 1) -> np.ndarray:
+    """Values of ``array`` (voxel-to-world ``affine``) at the voxel centres of the grid
+    (``shape``, ``reference_affine``); points outside the volume read 0.
+
+    ``order`` 1 is trilinear (images), 0 nearest neighbour (label maps, dtype kept).
+    """
+    if array.ndim != 3 or len(tuple(shape)) != 3:
+        raise ValueError(f"resample_to_grid: expected a 3D array and a 3D shape, got {array.shape} and {shape}")
+    if order not in (0, 1):
+        raise ValueError(f"resample_to_grid: order must be 0 (nearest) or 1 (linear), got {order}")
+    to_source = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ np.asarray(reference_affine, dtype=np.float64)
+    source = array if order == 0 else array.astype(np.float64)
+    out = ndimage.affine_transform(source, to_source[:3, :3], to_source[:3, 3], output_shape=tuple(shape),
+                                   order=order, mode="constant", cval=0, prefilter=False)
+    return out.astype(array.dtype if order == 0 else np.float32)
+
+
+__all__ = ["same_grid", "resample_to_grid"]
