@@ -39,8 +39,9 @@ def demo_run(args) -> RunConfig:
     model = ModelConfig(widths=(8, 16, 32, 64, 128), window_size=(5, 6, 5))
     # short CPU budget: warm the learning rate up (the first Adam steps otherwise throw the
     # coarse fields far off) and take both directions of an atlas item as one batch
+    # and spend the first part of the budget at half resolution (steps about 8x cheaper)
     train = TrainConfig(epochs=1000, max_minutes=args.minutes, seed=args.seed, keep_top_k=1,
-                        warmup_steps=30, pair_batch=True)
+                        warmup_steps=30, pair_batch=True, half_res_fraction=args.half_res)
     return RunConfig(data=data, model=model, train=train, device=args.device,
                      checkpoint_dir=str(args.out_dir / "checkpoint"), output_dir=str(args.out_dir))
 
@@ -78,6 +79,10 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, help="training time budget (default 5; 0.4 with --quick)")
     p.add_argument("--data-dir", type=Path, help="demo data folder (default data/demo_dataset[_quick])")
     p.add_argument("--out-dir", type=Path, help="results folder (default Results/Demo[_quick])")
+    p.add_argument("--half-res", type=float, default=0.6,
+                   help="fraction of the training budget spent at half resolution (default 0.6)")
+    p.add_argument("--io-steps", type=int, default=50,
+                   help="instance optimisation steps per pair for the second table (default 50; 0 = skip)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -102,6 +107,12 @@ def main(argv=None) -> int:
     result = infer(run, None, model=trainer.model, index=trainer.index, progress=progress)
     print()
     print(result["table"])
+    if args.io_steps:
+        run.eval.io_steps = args.io_steps
+        run.output_dir = str(args.out_dir / "with_io")
+        with_io = infer(run, None, model=trainer.model, index=trainer.index, progress=progress)
+        print()
+        print(with_io["table"])
     paths = make_figures(run, trainer, result, args.out_dir)
     print(f"\nresults: {result['paths']['summary_json'].parent}")
     print("figures: " + ", ".join(str(p.relative_to(args.out_dir)) for p in paths))

@@ -15,6 +15,7 @@ from utils.config import RunConfig, apply_override, preset
 from utils.io import DataError
 
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -36,6 +37,8 @@ def train_parser(dataset: str) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from <checkpoint-dir>/last.pth")
     p.add_argument("--init-from", help="start from another run's checkpoint (multi-task fine-tuning)")
     p.add_argument("--freeze-encoder", action="store_true", help="train only the estimator")
+    p.add_argument("--amp", action="store_true", help="CUDA mixed precision (bf16, or fp16 with a grad scaler)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute each level in backward (less memory)")
     return p
 
 
@@ -48,6 +51,7 @@ def infer_parser(dataset: str) -> argparse.ArgumentParser:
     p.add_argument("--save-nifti", action="store_true", help="write warped image, warped label and displacement")
     p.add_argument("--label-interpolation", choices=["nearest", "onehot"])
     p.add_argument("--hd95-mm", action="store_true", help="HD95 in mm (image spacing) instead of voxels")
+    p.add_argument("--amp", action="store_true", help="CUDA mixed precision for the network")
     add_io_arguments(p)
     return p
 
@@ -89,6 +93,10 @@ def build_run(dataset: str, args, training: bool) -> RunConfig:
             run.checkpoint_dir = args.checkpoint_dir
         if args.freeze_encoder:
             run.model.freeze_encoder = True
+        if args.amp:
+            run.train.amp = True
+        if args.grad_checkpointing:
+            run.model.grad_checkpointing = True
     else:
         if args.max_pairs is not None:
             run.eval.max_pairs = args.max_pairs
@@ -98,6 +106,8 @@ def build_run(dataset: str, args, training: bool) -> RunConfig:
             run.eval.label_interpolation = args.label_interpolation
         if args.hd95_mm:
             run.eval.hd95_spacing = True
+        if args.amp:
+            run.eval.amp = True
         apply_io_arguments(run, args)
     return run
 
@@ -113,14 +123,34 @@ def train_main(dataset: str, argv=None) -> int:
         run = build_run(dataset, args, training=True)
     except ValueError as exc:
         return _fail(str(exc))
-    from .train import Trainer, checkpoint_dir
+    from . import distributed as ddp
+    from .train import Trainer, TrainingDiverged, TrainingInterrupted, checkpoint_dir
+    trainer = None
     try:
         trainer = Trainer(run, resume=args.resume, init_from=args.init_from,
                           progress=False if args.no_progress else None)
         trainer.fit()
+        if trainer.ctx.distributed:
+            sums = [None] * trainer.ctx.world_size
+            import torch.distributed as dist
+            dist.all_gather_object(sums, trainer.weights_checksum())
+            if trainer.ctx.is_main:
+                same = len(set(sums)) == 1
+                print(f"weights {'identical' if same else 'DIFFER'} on {trainer.ctx.world_size} ranks "
+                      f"(checksums {sums})")
     except (DataError, CheckpointError) as exc:
         return _fail(str(exc))
-    print(f"checkpoints in {checkpoint_dir(run)} (best validation Dice {trainer.best:.4f})")
+    except TrainingInterrupted as exc:
+        if trainer is None or trainer.ctx.is_main:
+            print(f"stopped by {exc}", file=sys.stderr)
+        return 128 + int(exc.signum)
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
+    finally:
+        ddp.teardown()
+    if trainer.ctx.is_main:
+        print(f"checkpoints in {checkpoint_dir(run)} (best validation Dice {trainer.best:.4f})")
     return 0
 
 

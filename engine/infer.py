@@ -23,7 +23,7 @@ from utils.metrics import jacobian_stats
 
 from .evaluate import evaluate_pair, format_summary_table, label_dice, summarise, write_results
 from .instance_opt import io_similarity, refine_for_run
-from .runtime import command_line, package_versions, resolve_device, synchronize
+from .runtime import amp_dtype, autocast, command_line, package_versions, resolve_device, synchronize
 
 
 def output_dir(run: RunConfig) -> Path:
@@ -58,8 +58,8 @@ def register_tensors(model, run: RunConfig, moving: torch.Tensor, fixed: torch.T
     if model is None:
         u = fixed.new_zeros((fixed.shape[0], 3, *fixed.shape[2:]), dtype=torch.float32)
     else:
-        with torch.inference_mode():
-            u = model(moving, fixed)
+        with torch.inference_mode(), autocast(device, amp_dtype(device, run.eval.amp)):
+            u = model(moving, fixed).float()
     synchronize(device)
     info = {"seconds": time.perf_counter() - t0}
     if run.eval.io_steps:

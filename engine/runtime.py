@@ -45,3 +45,24 @@ def package_versions() -> dict[str, str]:
 
 def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [sys.executable.split("/")[-1], *sys.argv])
+
+
+_warned: set[str] = set()
+
+
+def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """Autocast dtype for mixed precision: bf16 on CUDA where supported, else fp16; None when
+    disabled or not on CUDA (a CPU request is ignored with a warning)."""
+    if not enabled:
+        return None
+    if device.type != "cuda":
+        if not _warned:
+            print("warning: --amp applies to CUDA only; running in float32 on the CPU", file=sys.stderr)
+            _warned.add("amp")
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """A torch.autocast context for ``dtype`` (a no-op context when None)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)

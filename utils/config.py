@@ -175,11 +175,19 @@ class TrainConfig:
     val_max_pairs: int = 0           # validation pairs per epoch (0 = all)
     keep_top_k: int = 3              # dsc0.xxxx_ep0000 checkpoints kept
     max_minutes: float = 0.0         # stop training after this wall time (0 = no limit)
+    amp: bool = False                # CUDA mixed precision (bf16 where supported, else fp16 + grad scaler)
+    max_bad_steps: int = 5           # non-finite losses in a row before the run stops
+    half_res_fraction: float = 0.0   # first part of the run (of max_minutes, else of epochs) trained on
+                                     # inputs average-pooled by 2: about 8x cheaper steps on a CPU
     seed: int = 0
 
     def __post_init__(self):
         if self.similarity not in ("ncc", "mse", "mind", "none"):
             raise ValueError(f"TrainConfig.similarity must be ncc, mse, mind or none, got {self.similarity!r}")
+        if self.max_bad_steps < 1:
+            raise ValueError(f"TrainConfig.max_bad_steps must be >= 1, got {self.max_bad_steps}")
+        if not 0.0 <= self.half_res_fraction <= 1.0:
+            raise ValueError(f"TrainConfig.half_res_fraction must be in [0, 1], got {self.half_res_fraction}")
         if self.similarity == "none" and self.dice_weight <= 0:
             raise ValueError("TrainConfig: with similarity 'none' the loss needs dice_weight > 0")
 
@@ -190,6 +198,7 @@ class EvalConfig:
     label_interpolation: str = "nearest"   # 'nearest' or 'onehot'
     hd95_spacing: bool = False             # HD95 in mm (image spacing) instead of voxels
     max_pairs: int = 0                     # test pairs evaluated (0 = all)
+    amp: bool = False                      # CUDA mixed precision for the network (fields returned in fp32)
     # instance optimisation (engine/instance_opt.py): refine each pair's field on its own
     # unsupervised loss (the run's similarity; MIND when training used labels only)
     io_steps: int = 0                      # Adam steps per pair (0 = the network's field as it is)

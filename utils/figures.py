@@ -137,20 +137,23 @@ def dice_boxplot(initial: np.ndarray, registered: np.ndarray, names, path, title
 
 
 def training_curves(log_csv, path, title: str = "") -> Path:
-    """Training loss and validation Dice per epoch, from a train_log.csv."""
+    """Training loss and validation Dice against training wall time (per epoch in older logs),
+    from a train_log.csv."""
     with open(log_csv, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    epochs = [int(r["epoch"]) for r in rows]
+    timed = bool(rows) and all(r.get("elapsed") for r in rows)
+    epochs = [float(r["elapsed"]) / 60.0 if timed else int(r["epoch"]) for r in rows]
+    xlabel = "training time (min)" if timed else "epoch"
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for key in ("loss", "sim", "reg", "dice_loss"):
         vals = [float(r[key]) for r in rows]
         if any(vals):
             a.plot(epochs, vals, marker="o", label=key)
-    a.set_xlabel("epoch")
+    a.set_xlabel(xlabel)
     a.set_ylabel("training loss")
     a.legend()
     b.plot(epochs, [float(r["val_dice"]) for r in rows], marker="o", color="tab:green")
-    b.set_xlabel("epoch")
+    b.set_xlabel(xlabel)
     b.set_ylabel("validation Dice")
     if title:
         fig.suptitle(title)

@@ -1,8 +1,10 @@
 """The per-data-set scripts, run as a user runs them, on every layout; and their errors."""
 import csv
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -11,6 +13,7 @@ import pytest
 
 from engine.cli import infer_main, train_main
 from tests.layouts import WRITERS, quick_overrides, write_oasis
+from utils.checkpoint import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -108,3 +111,27 @@ def test_bad_override_and_real_exit_code(oasis, tmp_path):
     assert r.returncode == 2 and "cannot read a float" in r.stderr and "Traceback" not in r.stderr
     r = _script("Infer_OASIS.py", "--data-root", str(tmp_path / "missing"), "--checkpoint", str(tmp_path / "x.pth"))
     assert r.returncode == 2 and "x.pth: checkpoint file not found" in r.stderr
+
+
+def test_sigterm_writes_a_checkpoint_that_resume_continues(oasis, tmp_path):
+    ck = tmp_path / "ck"
+    args = ["--data-root", str(oasis), "--epochs", "200", "--checkpoint-dir", str(ck), "--device", "cpu",
+            "--no-progress", *_sets("OASIS")]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "Train_OASIS.py"), *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (ck / "train_log.csv").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)                       # wait until at least one epoch has been trained
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM" in err and "--resume" in err and "Traceback" not in err
+    saved = read_checkpoint(ck / "last.pth")
+    done = saved["epoch"]
+    assert 1 <= done < 200
+    args[args.index("--epochs") + 1] = str(done + 1)
+    r = _script("Train_OASIS.py", *args, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert read_checkpoint(ck / "last.pth")["epoch"] == done + 1
+    with open(ck / "train_log.csv") as fh:
+        assert [int(row["epoch"]) for row in csv.DictReader(fh)] == list(range(1, done + 2))

@@ -1,11 +1,12 @@
 """Training engine: exact resume, crash-safe checkpoints, best/top-k files, fine-tuning."""
 import csv
+import signal
 
 import pytest
 import torch
 
 import utils.checkpoint as ckpt_mod
-from engine.train import Trainer
+from engine.train import Trainer, TrainingDiverged, TrainingInterrupted
 from tests.layouts import quick_overrides, write_oasis
 from utils.checkpoint import read_checkpoint
 from utils.config import apply_override, preset
@@ -89,3 +90,67 @@ def test_fine_tuning_from_checkpoint_with_frozen_encoder(oasis_root, tmp_path):
     assert all(torch.equal(enc_before[k], v) for k, v in ft.model.encoder.state_dict().items())
     est_changed = any(not torch.equal(a, b) for a, b in zip(ft.model.levels.parameters(), src.model.levels.parameters()))
     assert est_changed
+
+
+def test_non_finite_losses_skip_steps_then_stop_keeping_the_last_good_checkpoint(oasis_root, tmp_path):
+    trainer = Trainer(_run(oasis_root, tmp_path, 3, **{"train.max_bad_steps": 3}), progress=False)
+    trainer.run_epoch()
+    good = read_checkpoint(tmp_path / "last.pth")
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    real = trainer.objective
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        loss, terms = real(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) >= 2 else loss), terms
+    trainer.objective = poisoned
+    with pytest.raises(TrainingDiverged, match="3 non-finite losses in a row"):
+        trainer.run_epoch()
+    assert len(calls) == 4                      # one good step, then three skipped
+    # skipped steps changed nothing beyond the one good step, and last.pth is the good one
+    changed = [k for k in weights if not torch.equal(weights[k], trainer.model.state_dict()[k])]
+    assert changed and all(torch.isfinite(v).all() for v in trainer.model.state_dict().values())
+    after = read_checkpoint(tmp_path / "last.pth")
+    assert after["epoch"] == good["epoch"] == 1
+    assert all(torch.equal(after["model"][k], good["model"][k]) for k in good["model"])
+
+
+def test_a_single_non_finite_loss_is_skipped_and_logged(oasis_root, tmp_path, capsys):
+    trainer = Trainer(_run(oasis_root, tmp_path, 1), progress=False)
+    real, calls = trainer.objective, []
+
+    def once(*args, **kwargs):
+        loss, terms = real(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("inf") if len(calls) == 2 else loss), terms
+    trainer.objective = once
+    row = trainer.run_epoch()
+    assert row["skipped"] == 1 and row["steps"] == len(calls) - 1
+    assert "non-finite loss" in capsys.readouterr().err
+
+
+def test_signal_mid_epoch_writes_a_checkpoint_that_resumes_exactly(oasis_root, tmp_path):
+    full = Trainer(_run(oasis_root, tmp_path / "full", 2), progress=False)
+    full.fit()
+    first = Trainer(_run(oasis_root, tmp_path / "split", 2), progress=False)
+    real_step = first.train_step
+
+    def step_then_signal(pairs):
+        terms = real_step(pairs)
+        if first.step == 5:       # the second epoch's first item (2 items x 2 directions per epoch)
+            first._signal = signal.SIGTERM
+        return terms
+    first.train_step = step_then_signal
+    with pytest.raises(TrainingInterrupted) as info:
+        first.fit()
+    assert info.value.signum == signal.SIGTERM
+    saved = read_checkpoint(tmp_path / "split" / "last.pth")
+    assert saved["epoch"] == 1 and saved["position"] == 1 and saved["step"] == 6
+    resumed = Trainer(_run(oasis_root, tmp_path / "split", 2), resume=True, progress=False)
+    resumed.fit()
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.log[-1]["loss"] == pytest.approx(full.log[-1]["loss"], rel=1e-6)
+    assert resumed.log[-1]["steps"] == full.log[-1]["steps"]
+
