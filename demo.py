@@ -24,8 +24,8 @@ import torch
 from engine.infer import infer
 from engine.train import Trainer
 from utils import figures
-from utils.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from utils.demo_data import DEMO_LABELS, DemoSettings, write_demo_dataset
+from utils.config import RunConfig, preset
+from utils.demo_data import DemoSettings, write_demo_dataset
 from utils.metrics import dice_per_label, jacobian_determinant
 from utils.spatial import warp
 
@@ -33,17 +33,18 @@ ROOT = Path(__file__).resolve().parent
 
 
 def demo_run(args) -> RunConfig:
-    quick = args.quick
-    data = DataConfig(name="Demo", layout="oasis", root=str(args.data_dir), labels=DEMO_LABELS,
-                      image_size=(40, 48, 40) if quick else (80, 96, 80), val_subjects=1 if quick else 2)
-    model = ModelConfig(widths=(8, 16, 32, 64, 128), window_size=(5, 6, 5))
-    # short CPU budget: warm the learning rate up (the first Adam steps otherwise throw the
-    # coarse fields far off) and take both directions of an atlas item as one batch
-    # and spend the first part of the budget at half resolution (steps about 8x cheaper)
-    train = TrainConfig(epochs=1000, max_minutes=args.minutes, seed=args.seed, keep_top_k=1,
-                        warmup_steps=30, pair_batch=True, half_res_fraction=args.half_res)
-    return RunConfig(data=data, model=model, train=train, device=args.device,
-                     checkpoint_dir=str(args.out_dir / "checkpoint"), output_dir=str(args.out_dir))
+    """The 'Demo' preset (utils/config.py) with this run's folders, budget and seed."""
+    run = preset("Demo")
+    run.data.root = str(args.data_dir)
+    if args.quick:
+        run.data.image_size, run.data.val_subjects = (40, 48, 40), 1
+    # a short CPU budget: the preset warms the learning rate up (the first Adam steps otherwise
+    # throw the coarse fields far off), takes both directions of an atlas item as one batch and
+    # spends the first part of the budget at half resolution (steps about 8x cheaper)
+    run.train.epochs, run.train.max_minutes, run.train.seed = 1000, args.minutes, args.seed
+    run.train.half_res_fraction = args.half_res
+    run.device, run.checkpoint_dir, run.output_dir = args.device, str(args.out_dir / "checkpoint"), str(args.out_dir)
+    return run
 
 
 def make_figures(run: RunConfig, trainer: Trainer, result: dict, out_dir: Path) -> list[Path]:
@@ -79,8 +80,9 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, help="training time budget (default 5; 0.4 with --quick)")
     p.add_argument("--data-dir", type=Path, help="demo data folder (default data/demo_dataset[_quick])")
     p.add_argument("--out-dir", type=Path, help="results folder (default Results/Demo[_quick])")
-    p.add_argument("--half-res", type=float, default=0.6,
-                   help="fraction of the training budget spent at half resolution (default 0.6)")
+    p.add_argument("--half-res", type=float,
+                   help="fraction of the training budget spent at half resolution (default 0.6; 0 with --quick, "
+                        "whose 4 mm volumes are small already)")
     p.add_argument("--io-steps", type=int, default=50,
                    help="instance optimisation steps per pair for the second table (default 50; 0 = skip)")
     p.add_argument("--device", default="auto")
@@ -91,6 +93,7 @@ def main(argv=None) -> int:
     args.data_dir = args.data_dir or ROOT / "data" / f"demo_dataset{suffix}"
     args.out_dir = args.out_dir or ROOT / "Results" / f"Demo{suffix}"
     args.minutes = args.minutes if args.minutes is not None else (0.4 if args.quick else 5.0)
+    args.half_res = args.half_res if args.half_res is not None else (0.0 if args.quick else 0.6)
     t_start = time.time()
 
     if not (args.data_dir / "DONE").is_file():

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from utils.checkpoint import CheckpointError
-from utils.config import RunConfig, apply_override, preset
+from utils.config import VOXELMORPH_WIDTHS, ModelConfig, RunConfig, apply_override, preset
 from utils.io import DataError
 
 EXIT_BAD_INPUT = 2
@@ -37,6 +37,9 @@ def train_parser(dataset: str) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from <checkpoint-dir>/last.pth")
     p.add_argument("--init-from", help="start from another run's checkpoint (multi-task fine-tuning)")
     p.add_argument("--freeze-encoder", action="store_true", help="train only the estimator")
+    p.add_argument("--model", choices=["plcreg", "voxelmorph"], default="plcreg",
+                   help="network to train; voxelmorph is the baseline from the optional voxelmorph package "
+                        f"(default checkpoint folder Checkpoint/{dataset}_voxelmorph)")
     p.add_argument("--amp", action="store_true", help="CUDA mixed precision (bf16, or fp16 with a grad scaler)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute each level in backward (less memory)")
     return p
@@ -74,6 +77,9 @@ def apply_io_arguments(run: RunConfig, args) -> None:
 def build_run(dataset: str, args, training: bool) -> RunConfig:
     """The data set's preset with the command line applied (raises ValueError on a bad value)."""
     run = preset(dataset)
+    if getattr(args, "model", "plcreg") == "voxelmorph":
+        run.model = ModelConfig(arch="voxelmorph", widths=VOXELMORPH_WIDTHS)
+        run.checkpoint_dir = f"Checkpoint/{dataset}_voxelmorph"
     for assignment in args.overrides:
         apply_override(run, assignment)
     if args.data_root:
@@ -138,7 +144,7 @@ def train_main(dataset: str, argv=None) -> int:
                 same = len(set(sums)) == 1
                 print(f"weights {'identical' if same else 'DIFFER'} on {trainer.ctx.world_size} ranks "
                       f"(checksums {sums})")
-    except (DataError, CheckpointError) as exc:
+    except (DataError, CheckpointError, ModuleNotFoundError) as exc:
         return _fail(str(exc))
     except TrainingInterrupted as exc:
         if trainer is None or trainer.ctx.is_main:

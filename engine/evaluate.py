@@ -85,7 +85,7 @@ def format_summary_table(summary: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def _csv_text(rows: list[dict], columns: list[str]) -> str:
+def csv_text(rows: list[dict], columns: list[str]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
@@ -111,10 +111,10 @@ def write_results(out_dir, rows: list[dict], summary: dict, meta: dict) -> dict[
     """per_case.csv (one row per pair), summary.csv and summary.json (with ``meta``)."""
     out_dir = Path(out_dir)
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    paths = {"per_case": write_text(out_dir / "per_case.csv", _csv_text(rows, columns))}
+    paths = {"per_case": write_text(out_dir / "per_case.csv", csv_text(rows, columns))}
     metric_rows = [{"metric": k, "mean": v["mean"], "std": v["std"], "n": v["n"]}
                    for k, v in summary.items() if isinstance(v, dict)]
-    paths["summary_csv"] = write_text(out_dir / "summary.csv", _csv_text(metric_rows, ["metric", "mean", "std", "n"]))
+    paths["summary_csv"] = write_text(out_dir / "summary.csv", csv_text(metric_rows, ["metric", "mean", "std", "n"]))
     paths["summary_json"] = write_text(out_dir / "summary.json",
                                        json.dumps({**meta, "summary": summary}, indent=2, default=_json_default))
     return paths

@@ -1,10 +1,12 @@
 """Run-time helpers: device choice, seeding, provenance (command and package versions)."""
 from __future__ import annotations
 
+import os
 import platform
 import random
 import shlex
 import sys
+import threading
 from importlib import metadata
 
 import numpy as np
@@ -66,3 +68,47 @@ def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """A torch.autocast context for ``dtype`` (a no-op context when None)."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+class PeakMemory:
+    """Peak memory while the block runs: on a GPU the most CUDA memory allocated above the level
+    at entry; on the CPU the process's peak resident set size (sampled every 5 ms from /proc, so
+    it includes the interpreter and loaded data; NaN where /proc is missing). ``mib`` holds the
+    result after the block."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.mib = device, float("nan")
+
+    @staticmethod
+    def rss_mib() -> float:
+        try:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+        except (OSError, ValueError, IndexError):
+            return float("nan")
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.005):
+            self._peak = max(self._peak, self.rss_mib())
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            self._peak = self.rss_mib()
+            self._done = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mib = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2 ** 20
+        else:
+            self._done.set()
+            self._thread.join()
+            self.mib = max(self._peak, self.rss_mib())
+        return False

@@ -9,11 +9,16 @@ from utils.config import ModelConfig, architecture_fields
 from .plcreg import PLCReg
 
 
-def build_model(config: ModelConfig | dict | None = None) -> PLCReg:
-    """PLCReg from a ModelConfig (or its dict form); defaults reproduce the OASIS network."""
+def build_model(config: ModelConfig | dict | None = None) -> nn.Module:
+    """The network of a ModelConfig (or its dict form): PLCReg (defaults: the OASIS network),
+    or the VoxelMorph baseline for ``arch='voxelmorph'``."""
     if isinstance(config, dict):
         config = ModelConfig.from_dict(config)
-    return PLCReg(config or ModelConfig())
+    config = config or ModelConfig()
+    if config.arch == "voxelmorph":
+        from .voxelmorph_adapter import VoxelMorphNet
+        return VoxelMorphNet(config)
+    return PLCReg(config)
 
 
 def save_model(path, model: PLCReg, **extra):
@@ -23,7 +28,8 @@ def save_model(path, model: PLCReg, **extra):
 
 def check_compatible(model: nn.Module, ckpt: dict, source: str = "checkpoint") -> None:
     """Raise CheckpointError unless ``ckpt`` holds weights of ``model``'s architecture."""
-    saved = ckpt.get("model_config") or {}
+    # a field added after a checkpoint was written reads as its default (e.g. arch = 'plcreg')
+    saved = {**ModelConfig().to_dict(), **(ckpt.get("model_config") or {})}
     ours = model.config.to_dict()
     diff = [f"{k}: checkpoint {saved.get(k)!r} vs model {ours.get(k)!r}"
             for k in architecture_fields() if saved.get(k) != ours.get(k)]

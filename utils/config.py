@@ -14,11 +14,17 @@ def _tuple(v):
     return tuple(v) if isinstance(v, (list, tuple)) else v
 
 
+ARCHITECTURES = ("plcreg", "voxelmorph")
+VOXELMORPH_WIDTHS = (16, 32, 32, 32, 32)
+
+
 @dataclass
 class ModelConfig:
     """Architecture of PLCReg (DESIGN §1.1-1.3). Defaults reproduce the OASIS network.
 
     Attributes:
+        arch: 'plcreg', or 'voxelmorph' (the VoxelMorph baseline from the optional
+            ``voxelmorph`` package: widths are its U-Net features, diffeomorphic its integration).
         in_channels: image channels of each input volume.
         widths: encoder widths of levels 1..5 (full, 1/2, 1/4, 1/8, 1/16 resolution).
         width_multiplier: scales every width (rounded, at least 1).
@@ -34,6 +40,7 @@ class ModelConfig:
         grad_checkpointing: recompute each level in the backward pass to save memory.
         freeze_encoder: encoder weights get no gradient (multi-task fine-tuning).
     """
+    arch: str = "plcreg"
     in_channels: int = 1
     widths: tuple = (16, 32, 64, 128, 256)
     width_multiplier: float = 1.0
@@ -53,6 +60,8 @@ class ModelConfig:
         self.widths = _tuple(self.widths)
         self.window_size = _tuple(self.window_size)
         self.attention_levels = _tuple(self.attention_levels)
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"ModelConfig.arch must be one of {ARCHITECTURES}, got {self.arch!r}")
         if len(self.widths) != 5:
             raise ValueError(f"ModelConfig.widths: expected 5 widths (levels 1..5), got {self.widths}")
         if len(self.window_size) != 3 or min(self.window_size) < 1:
@@ -61,7 +70,7 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.attention_levels: expected a subset of (2, 3, 4, 5), got {self.attention_levels}")
         if self.width_multiplier <= 0:
             raise ValueError(f"ModelConfig.width_multiplier must be > 0, got {self.width_multiplier}")
-        for level in self.attention_levels:
+        for level in self.attention_levels if self.arch == "plcreg" else ():
             w = self.level_widths[level - 1]
             if w % self.num_heads or (w // self.num_heads) % 2:
                 raise ValueError(
@@ -288,7 +297,16 @@ def srreg() -> RunConfig:
         train=TrainConfig(similarity="none", dice_weight=1.0, reg_weight=0.1))
 
 
-PRESETS = {"OASIS": oasis, "LPBA40": lpba40, "IXI": ixi, "AbdomenCTCT": abdomenctct, "SRReg": srreg}
+def demo() -> RunConfig:
+    """The embedded demo data (``python demo.py`` builds it) with the lighter CPU network."""
+    return RunConfig(
+        data=DataConfig(name="Demo", layout="oasis", root="data/demo_dataset", labels=tuple(range(1, 21)),
+                        image_size=(80, 96, 80), val_subjects=2),
+        model=ModelConfig(widths=(8, 16, 32, 64, 128), window_size=(5, 6, 5)),
+        train=TrainConfig(warmup_steps=30, pair_batch=True, half_res_fraction=0.6, keep_top_k=1))
+
+
+PRESETS = {"OASIS": oasis, "LPBA40": lpba40, "IXI": ixi, "AbdomenCTCT": abdomenctct, "SRReg": srreg, "Demo": demo}
 
 
 def preset(name: str) -> RunConfig:
@@ -333,5 +351,5 @@ def _parse_like(current, text: str, key: str):
         raise ValueError(f"override {key}={text!r}: cannot read a {type(current).__name__}") from exc
 
 
-__all__ = ["ModelConfig", "DataConfig", "TrainConfig", "EvalConfig", "RunConfig", "PRESETS", "preset",
+__all__ = ["ModelConfig", "ARCHITECTURES", "VOXELMORPH_WIDTHS", "DataConfig", "TrainConfig", "EvalConfig", "RunConfig", "PRESETS", "preset",
            "apply_override", "architecture_fields", "LAYOUTS"]

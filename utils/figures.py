@@ -115,14 +115,22 @@ def jacobian_map(det, path, title: str = "") -> Path:
 
 def dice_boxplot(initial: np.ndarray, registered: np.ndarray, names, path, title: str = "") -> Path:
     """Per-structure Dice over cases, initial vs registered: (cases, structures) arrays."""
-    initial, registered = np.asarray(initial, float), np.asarray(registered, float)
-    n = initial.shape[1]
-    fig, ax = plt.subplots(figsize=(max(6, 0.55 * n + 2), 4.5))
+    return methods_boxplot({"initial": initial, "registered": registered}, names, path, title)
+
+
+def methods_boxplot(per_method: dict, names, path, title: str = "") -> Path:
+    """Per-structure Dice over cases with one box per method: {method: (cases, structures) array}."""
+    data = {k: np.asarray(v, float) for k, v in per_method.items()}
+    n, m = len(list(names)), len(data)
+    width = 0.8 / m
+    fig, ax = plt.subplots(figsize=(max(6, (0.3 + 0.22 * m) * n + 2), 4.5))
     pos = np.arange(n)
-    for data, offset, colour, label in ((initial, -0.18, "tab:gray", "initial"),
-                                        (registered, 0.18, "tab:blue", "registered")):
-        cols = [c[np.isfinite(c)] for c in data.T]
-        bp = ax.boxplot(cols, positions=pos + offset, widths=0.32, patch_artist=True, manage_ticks=False)
+    colours = plt.get_cmap("tab10").colors
+    for j, (label, values) in enumerate(data.items()):
+        colour = "tab:gray" if label.lower() in ("initial", "identity") else colours[j % len(colours)]
+        cols = [c[np.isfinite(c)] for c in values.T]
+        bp = ax.boxplot(cols, positions=pos + (j - (m - 1) / 2) * width, widths=width * 0.85, patch_artist=True,
+                        manage_ticks=False, flierprops={"markersize": 2})
         for box in bp["boxes"]:
             box.set_facecolor(colour)
             box.set_alpha(0.6)
@@ -131,8 +139,26 @@ def dice_boxplot(initial: np.ndarray, registered: np.ndarray, names, path, title
     ax.set_xticklabels([str(v) for v in names], rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("Dice")
     ax.set_ylim(0, 1)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
     ax.set_title(title or "Dice per structure")
+    return _save(fig, path)
+
+
+def pvalue_heatmap(pvalues: np.ndarray, methods, metrics, path, title: str = "") -> Path:
+    """Two-sided p-values (methods x metrics) as -log10(p), each cell annotated with p."""
+    p = np.asarray(pvalues, float)
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(metrics), 1.2 + 0.5 * len(methods)))
+    shown = -np.log10(np.clip(np.where(np.isfinite(p), p, 1.0), 1e-12, 1.0))
+    im = ax.imshow(shown, cmap="viridis", vmin=0, vmax=max(3.0, float(shown.max())), aspect="auto")
+    for (i, j), v in np.ndenumerate(p):
+        ax.text(j, i, "n/a" if not np.isfinite(v) else f"{v:.2g}", ha="center", va="center",
+                color="white" if shown[i, j] < 2 else "black", fontsize=9)
+    ax.set_xticks(range(len(metrics)))
+    ax.set_xticklabels(metrics)
+    ax.set_yticks(range(len(methods)))
+    ax.set_yticklabels(methods)
+    fig.colorbar(im, ax=ax, label="-log10 p")
+    ax.set_title(title or "Wilcoxon signed-rank p-values")
     return _save(fig, path)
 
 

@@ -135,3 +135,15 @@ def test_sigterm_writes_a_checkpoint_that_resume_continues(oasis, tmp_path):
     assert read_checkpoint(ck / "last.pth")["epoch"] == done + 1
     with open(ck / "train_log.csv") as fh:
         assert [int(row["epoch"]) for row in csv.DictReader(fh)] == list(range(1, done + 2))
+
+
+def test_train_voxelmorph_baseline_with_the_same_engine(oasis, tmp_path):
+    pytest.importorskip("voxelmorph")
+    ck = tmp_path / "vxm"
+    args = _train_args(oasis, tmp_path)
+    args[args.index("--checkpoint-dir") + 1] = str(ck)
+    assert train_main("OASIS", args + ["--model", "voxelmorph"]) == 0
+    saved = read_checkpoint(ck / "last.pth")
+    assert saved["model_config"]["arch"] == "voxelmorph"
+    assert infer_main("OASIS", ["--data-root", str(oasis), "--checkpoint", str(ck / "last.pth"), "--output-dir",
+                                str(tmp_path / "out"), "--no-progress", *_sets("OASIS")]) == 0

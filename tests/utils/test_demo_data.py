@@ -45,3 +45,7 @@ def test_demo_dataset_in_oasis_layout(tmp_path):
     cfg.root, cfg.labels, cfg.val_subjects = str(root), DEMO_LABELS, 0
     idx = discover(cfg)
     assert len(idx.train) == 2 and len(idx.test) == 1 and idx.atlas is not None
+
+
+def test_demo_preset_scores_the_generated_labels():
+    assert preset("Demo").data.labels == DEMO_LABELS
