@@ -24,7 +24,7 @@ import torch
 from engine.infer import infer
 from engine.train import Trainer
 from utils import figures
-from utils.config import RunConfig, preset
+from utils.config import VOXELMORPH_WIDTHS, ModelConfig, RunConfig, preset
 from utils.demo_data import DemoSettings, write_demo_dataset
 from utils.metrics import dice_per_label, jacobian_determinant
 from utils.spatial import warp
@@ -43,6 +43,8 @@ def demo_run(args) -> RunConfig:
     # spends the first part of the budget at half resolution (steps about 8x cheaper)
     run.train.epochs, run.train.max_minutes, run.train.seed = 1000, args.minutes, args.seed
     run.train.half_res_fraction = args.half_res
+    if args.model == "voxelmorph":          # the baseline, same data, loss, schedule and budget
+        run.model = ModelConfig(arch="voxelmorph", widths=VOXELMORPH_WIDTHS)
     run.device, run.checkpoint_dir, run.output_dir = args.device, str(args.out_dir / "checkpoint"), str(args.out_dir)
     return run
 
@@ -85,6 +87,8 @@ def main(argv=None) -> int:
                         "whose 4 mm volumes are small already)")
     p.add_argument("--io-steps", type=int, default=50,
                    help="instance optimisation steps per pair for the second table (default 50; 0 = skip)")
+    p.add_argument("--model", choices=["plcreg", "voxelmorph"], default="plcreg",
+                   help="network to train (voxelmorph needs requirements-baselines.txt)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -103,7 +107,7 @@ def main(argv=None) -> int:
         write_demo_dataset(args.data_dir, n_train, n_test, seed=args.seed, settings=settings)
 
     run = demo_run(args)
-    print(f"training PLCReg (widths {run.model.widths}) for {args.minutes:g} min on {run.device}")
+    print(f"training {run.model.arch} (widths {run.model.widths}) for {args.minutes:g} min on {run.device}")
     progress = False if args.no_progress else None
     trainer = Trainer(run, progress=progress)
     trainer.fit()

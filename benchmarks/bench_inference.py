@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -25,6 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import append_results  # noqa: E402
 
 DATASET_SIZES = {"OASIS": (160, 224, 192), "LPBA40": (160, 192, 160), "IXI": (160, 192, 224)}
 
@@ -91,15 +91,6 @@ def measure(args) -> dict:
             "runs": args.runs}
 
 
-def machine_line(device: str) -> str:
-    import torch
-    cpu = platform.processor() or platform.machine()
-    line = f"{platform.system()} {cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}"
-    if device == "cuda" and torch.cuda.is_available():
-        line += f", {torch.cuda.get_device_name()}"
-    return line
-
-
 def format_table(rows: list[dict]) -> str:
     head = "| size | device | threads | precision | params (M) | GMACs | median s/pair | min s | peak MiB |"
     sep = "|---|---|---|---|---|---|---|---|---|"
@@ -143,10 +134,7 @@ def main(argv=None):
     print()
     print(table)
     if args.write:
-        cmd = "python benchmarks/bench_inference.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as fh:
-            fh.write(f"\n### {args.label or 'Inference, one pair'} ({time.strftime('%Y-%m-%d')})\n\n"
-                     f"Machine: {machine_line(args.device)}\n\nCommand: `{cmd}`\n\n{table}\n")
+        append_results("bench_inference.py", args.label or "Inference, one pair", table, args.device, argv)
 
 
 if __name__ == "__main__":

@@ -123,7 +123,8 @@ def infer(run: RunConfig, checkpoint, *, data_root=None, save_nifti: bool = Fals
                                       | {"similarity": io_similarity(run.train.similarity)})
             if run.eval.io_steps else None}
     paths = write_results(out_dir, rows, summary, meta)
-    method = "PLCReg" if model is not None else "no network"
+    method = {"plcreg": "PLCReg", "voxelmorph": "VoxelMorph"}.get(model.config.arch, model.config.arch) \
+        if model is not None else "no network"
     if run.eval.io_steps:
         method += f" + {run.eval.io_steps} IO steps"
     table = format_summary_table(summary, f"{run.data.name}: {len(rows)} test pairs, {method} "

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from models import build_model, load_weights
 from utils.checkpoint import FORMAT, CheckpointError, atomic_save, read_checkpoint
 from utils.config import RunConfig
-from utils.datasets import DatasetIndex, VolumeCache, discover
+from utils.datasets import DatasetIndex, VolumeCache, cache_capacity, discover
 from utils.io import DataError
 from utils.metrics import dice_per_label
 from utils.spatial import warp_labels
@@ -127,7 +127,10 @@ class Trainer:
         self.val_pairs = self.index.val_pairs() if self.ctx.is_main else []
         if tc.val_max_pairs:
             self.val_pairs = self.val_pairs[:tc.val_max_pairs]
-        self.cache = VolumeCache(run.data, capacity=max(16, len(self.val_pairs) + 4))
+        sides = {side for item in self.items for pair in item for side in (pair.moving, pair.fixed)}
+        sides |= {side for pair in self.val_pairs for side in (pair.moving, pair.fixed)}
+        self.cache = VolumeCache(run.data, capacity=cache_capacity(run.data, len(sides), run.data.cache_mb),
+                                 workers=run.data.loader_workers)
         self.dir = checkpoint_dir(run)
         self.model = build_model(run.model).to(self.device)
         if init_from:
@@ -288,7 +291,10 @@ class Trainer:
         resolution = "half" if self.half_resolution() else "full"
         bar = tqdm(order[start:], desc=f"epoch {self.epoch + 1}/{tc.epochs}", leave=False,
                    disable=not self.ctx.is_main or (None if self.progress is None else not self.progress))
+        upcoming = order[start:]
         for offset, i in enumerate(bar):
+            if offset + 1 < len(upcoming):       # decode the next item while this one trains
+                self.cache.prefetch([s for p in self.items[upcoming[offset + 1]] for s in (p.moving, p.fixed)])
             stop_signal, late = self._should_stop(steps)
             if stop_signal:
                 self.position = start + offset

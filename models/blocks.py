@@ -22,7 +22,27 @@ class Conv3d(nn.Conv3d):
         return super().forward(x)
 
 
-class ConvNormAct(nn.Sequential):
+def instance_norm_relu_(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """In place: ReLU(InstanceNorm(x)) over the spatial axes of (B, C, D, H, W), no affine.
+
+    The same values as ``nn.InstanceNorm3d`` + ``nn.ReLU`` without a second full-size tensor;
+    for inference only (it overwrites its input, which autograd may need).
+    """
+    var, mean = torch.var_mean(x, dim=(2, 3, 4), unbiased=False, keepdim=True)
+    return x.sub_(mean).mul_(torch.rsqrt(var + eps)).relu_()
+
+
+class _LayerNormAct(nn.Sequential):
+    """layer -> InstanceNorm3d -> ReLU; without autograd the norm and ReLU run in place."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer, norm, _ = self
+        if torch.is_grad_enabled() or norm.affine or norm.track_running_stats:
+            return super().forward(x)
+        return instance_norm_relu_(layer(x), norm.eps)
+
+
+class ConvNormAct(_LayerNormAct):
     """Conv3d 3^3 -> InstanceNorm3d -> ReLU. (B, C_in, D, H, W) -> (B, C_out, D, H, W)."""
 
     def __init__(self, in_channels: int, out_channels: int):
@@ -40,7 +60,7 @@ class DoubleConv(nn.Sequential):
         super().__init__(ConvNormAct(in_channels, out_channels), ConvNormAct(out_channels, out_channels))
 
 
-class UpConv(nn.Sequential):
+class UpConv(_LayerNormAct):
     """ConvTranspose3d (kernel 2, stride 2) -> InstanceNorm3d -> ReLU: doubles the spatial size."""
 
     def __init__(self, in_channels: int, out_channels: int):

@@ -160,11 +160,15 @@ class PLCReg(nn.Module):
             spec = (0, pads[2], 0, pads[1], 0, pads[0])
             moving, fixed = F.pad(moving, spec), F.pad(fixed, spec)
 
-        # shared weights: one encoder pass over both images as a batch of 2B
-        feats = self.encoder(torch.cat([moving, fixed], dim=0))
-        b = moving.shape[0]
-        mov = [f[:b] for f in feats]
-        fix = [f[b:] for f in feats]
+        if torch.is_grad_enabled():
+            # shared weights: one encoder pass over both images as a batch of 2B
+            feats = self.encoder(torch.cat([moving, fixed], dim=0))
+            b = moving.shape[0]
+            mov = [f[:b] for f in feats]
+            fix = [f[b:] for f in feats]
+        else:
+            # inference: one image at a time halves the peak of the full-resolution level
+            mov, fix = self.encoder(moving), self.encoder(fixed)
 
         phi, context, fields = None, None, []
         for lvl in range(N_LEVELS, 0, -1):

@@ -131,6 +131,8 @@ class DataConfig:
             has no validation folder; model selection never looks at test pairs.
         n_train, n_test: subject counts of layouts split by sorted order (AbdomenCTCT, SR-Reg).
         atlas_label: file name of the atlas label map (OASIS, LPBA40).
+        cache_mb: memory for decoded volumes during training (all of them when they fit).
+        loader_workers: background threads that decode the next pairs while a step runs.
     """
     name: str = "OASIS"
     layout: str = "oasis"
@@ -145,6 +147,8 @@ class DataConfig:
     n_train: int = 0
     n_test: int = 0
     atlas_label: str = "OASIS_0395_0000.nii.gz"
+    cache_mb: float = 4096.0        # decoded volumes kept in memory during training
+    loader_workers: int = 1         # background threads decoding the next pairs (0 = none)
 
     def __post_init__(self):
         self.labels = tuple(int(v) for v in _tuple(self.labels))

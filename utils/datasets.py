@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import itertools
 import re
+import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -247,13 +249,23 @@ class LoadedSide:
 
 
 class VolumeCache:
-    """Reads sides once and keeps the last ``capacity`` of them (the atlas stays hot)."""
+    """Reads sides once and keeps the last ``capacity`` of them (the atlas stays hot).
 
-    def __init__(self, cfg: DataConfig, capacity: int = 16):
-        self.cfg, self.capacity = cfg, capacity
+    With ``workers`` > 0, ``prefetch(sides)`` decodes sides in background threads while the
+    caller computes (NIfTI decompression releases the GIL); ``get`` then takes the result.
+    Thread-safe.
+    """
+
+    def __init__(self, cfg: DataConfig, capacity: int = 16, workers: int = 0):
+        self.cfg, self.capacity = cfg, max(1, capacity)
         self._items: "OrderedDict[Side, LoadedSide]" = OrderedDict()
+        self._pending: dict[Side, Future] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="prefetch") if workers > 0 else None
+        self.reads = 0                      # sides decoded so far (each at most once while cached)
 
     def _read(self, side: Side) -> LoadedSide:
+        self.reads += 1
         if side.fmt == "pickle":
             image, label = load_pickle_pair(side.image)
         else:
@@ -266,15 +278,28 @@ class VolumeCache:
         image.array = normalise(image.array, method, self.cfg.ct_window)
         return LoadedSide(image, label)
 
+    def prefetch(self, sides) -> None:
+        """Start decoding sides that are neither cached nor on their way (no-op without workers)."""
+        if self._pool is None:
+            return
+        with self._lock:
+            for side in sides:
+                if side not in self._items and side not in self._pending:
+                    self._pending[side] = self._pool.submit(self._read, side)
+
     def get(self, side: Side) -> LoadedSide:
-        item = self._items.get(side)
-        if item is None:
-            item = self._read(side)
+        with self._lock:
+            item = self._items.get(side)
+            if item is not None:
+                self._items.move_to_end(side)
+                return item
+            future = self._pending.pop(side, None)
+        item = future.result() if future is not None else self._read(side)   # errors surface here
+        with self._lock:
             self._items[side] = item
-            if len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-        else:
             self._items.move_to_end(side)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
         return item
 
     def pair_tensors(self, pair: Pair, device="cpu") -> dict:
@@ -289,6 +314,13 @@ class VolumeCache:
             out["moving_label"] = _tensor(m.label.array, device)
             out["fixed_label"] = _tensor(f.label.array, device)
         return out
+
+
+def cache_capacity(cfg: DataConfig, n_sides: int, budget_mb: float) -> int:
+    """How many sides to keep: all of them when they fit in ``budget_mb`` (image + label at the
+    data set's image size), else as many as fit, at least 16."""
+    per_side = 8.0 * float(np.prod(cfg.image_size)) / 2 ** 20
+    return max(16, min(n_sides, int(budget_mb // max(per_side, 1e-6))))
 
 
 def _tensor(arr: np.ndarray, device) -> torch.Tensor:

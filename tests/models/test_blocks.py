@@ -1,8 +1,8 @@
-"""Building blocks: the oneDNN-routed convolution against PyTorch's native kernel."""
+"""Building blocks: the oneDNN-routed convolution against PyTorch's native kernel; the in-place inference norm."""
 import torch
 import torch.nn.functional as F
 
-from models.blocks import Conv3d, FlowHead
+from models.blocks import Conv3d, ConvNormAct, FlowHead, instance_norm_relu_
 
 
 def test_conv3d_matches_native_kernel_forward_and_backward():
@@ -26,3 +26,21 @@ def test_flow_head_starts_near_zero():
     head = FlowHead(16)
     assert head.weight.std().item() < 1e-4 and torch.all(head.bias == 0)
     assert head(torch.rand(1, 16, 8, 8, 8)).abs().max().item() < 1e-2
+
+
+def test_in_place_instance_norm_relu_matches_torch_in_float64():
+    x = torch.randn(2, 3, 5, 6, 7, dtype=torch.float64) * 3 + 1
+    ref = torch.relu(torch.nn.functional.instance_norm(x, eps=1e-5))
+    out = instance_norm_relu_(x.clone())
+    assert torch.allclose(out, ref, atol=1e-12)
+
+
+def test_conv_norm_act_inference_path_equals_autograd_path():
+    torch.manual_seed(0)
+    block = ConvNormAct(4, 8).eval()
+    x = torch.randn(1, 4, 9, 10, 11)
+    with torch.enable_grad():
+        ref = block(x)
+    with torch.inference_mode():
+        fast = block(x)
+    assert (fast - ref).abs().max().item() < 1e-5

@@ -1,10 +1,11 @@
 """Every layout's discovery, splits, pairs, label lists and normalisation, on tiny written data sets."""
 import numpy as np
 import pytest
+import torch
 
 from tests.layouts import (write_abdomenctct, write_ixi, write_lpba40, write_oasis, write_srreg)
 from utils.config import preset
-from utils.datasets import VolumeCache, discover, natural_key, normalise
+from utils.datasets import VolumeCache, cache_capacity, discover, natural_key, normalise
 from utils.io import DataError
 
 
@@ -114,3 +115,30 @@ def test_missing_pieces_are_named(tmp_path):
     shutil.rmtree(root2 / "delineation_l_norm" / "test")
     with pytest.raises(DataError, match="test folder not found"):
         discover(_data("LPBA40", root2))
+
+
+def test_prefetching_cache_yields_the_same_samples_and_decodes_each_side_once(tmp_path):
+    root = write_oasis(tmp_path / "OASIS", n_train=5, n_test=1)
+    cfg = preset("OASIS").data
+    cfg.root = str(root)
+    index = discover(cfg, root, 0)
+    pairs = [p for item in index.train_items() for p in item]
+    sides = {s for p in pairs for s in (p.moving, p.fixed)}
+    plain = VolumeCache(cfg, capacity=1)                   # re-reads constantly: the reference
+    fast = VolumeCache(cfg, capacity=len(sides), workers=2)
+    for epoch in range(2):
+        for k, pair in enumerate(pairs):
+            if k + 1 < len(pairs):
+                fast.prefetch([pairs[k + 1].moving, pairs[k + 1].fixed])
+            a, b = plain.pair_tensors(pair), fast.pair_tensors(pair)
+            assert a.keys() == b.keys()
+            for key in ("moving", "fixed", "moving_label", "fixed_label"):
+                assert torch.equal(a[key], b[key])
+    assert fast.reads == len(sides) and plain.reads > 2 * len(sides)
+
+
+def test_cache_capacity_holds_everything_that_fits():
+    cfg = preset("OASIS").data                              # 160 x 224 x 192: 52.5 MiB per side
+    assert cache_capacity(cfg, 395, 4096) == 78
+    assert cache_capacity(cfg, 40, 4096) == 40
+    assert cache_capacity(cfg, 395, 10) == 16
