@@ -45,6 +45,8 @@ def demo_run(args) -> RunConfig:
     run.train.half_res_fraction = args.half_res
     if args.model == "voxelmorph":          # the baseline, same data, loss, schedule and budget
         run.model = ModelConfig(arch="voxelmorph", widths=VOXELMORPH_WIDTHS)
+    elif args.widths:
+        run.model.widths = tuple(args.widths)
     run.device, run.checkpoint_dir, run.output_dir = args.device, str(args.out_dir / "checkpoint"), str(args.out_dir)
     return run
 
@@ -89,6 +91,8 @@ def main(argv=None) -> int:
                    help="instance optimisation steps per pair for the second table (default 50; 0 = skip)")
     p.add_argument("--model", choices=["plcreg", "voxelmorph"], default="plcreg",
                    help="network to train (voxelmorph needs requirements-baselines.txt)")
+    p.add_argument("--widths", nargs=5, type=int, help="PLCReg widths (default the light 8 16 32 64 128; "
+                                                        "the paper's network is 16 32 64 128 256)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")

@@ -44,9 +44,12 @@ def measure(args) -> dict:
     from models import build_model
     from utils.config import ModelConfig
 
+    from engine.runtime import limit_heap_retention
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model = build_model(ModelConfig(window_size=tuple(args.window))).to(device).eval()
+    if not args.plain_heap:
+        limit_heap_retention()            # as Infer_*.py and register.py do
+    model = build_model(ModelConfig(window_size=tuple(args.window), widths=tuple(args.widths))).to(device).eval()
     params = sum(p.numel() for p in model.parameters())
     size = parse_size(args.size)
     g = torch.Generator().manual_seed(0)
@@ -75,7 +78,7 @@ def measure(args) -> dict:
     if args.flops:
         # counted on the meta device: shapes only, no memory, and every conv goes through
         # the op the counter sees (the CPU path calls oneDNN directly)
-        meta_model = build_model(ModelConfig(window_size=tuple(args.window))).to("meta").eval()
+        meta_model = build_model(ModelConfig(window_size=tuple(args.window), widths=tuple(args.widths))).to("meta").eval()
         meta_input = torch.empty(1, 1, *size, device="meta")
         counter = FlopCounterMode(display=False)
         with torch.inference_mode(), counter:
@@ -104,12 +107,15 @@ def main(argv=None):
     p.add_argument("--sizes", nargs="+", default=["x".join(map(str, DATASET_SIZES["OASIS"]))],
                    help="volume sizes DxHxW (default: OASIS 160x224x192)")
     p.add_argument("--window", nargs=3, type=int, default=[5, 7, 6], help="PoLaCA window (default OASIS)")
+    p.add_argument("--widths", nargs=5, type=int, default=[16, 32, 64, 128, 256],
+                   help="encoder widths (default: the paper's; the light CPU network is 8 16 32 64 128)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--amp", action="store_true", help="also measure autocast (CUDA only)")
     p.add_argument("--no-flops", dest="flops", action="store_false")
+    p.add_argument("--plain-heap", action="store_true", help="leave glibc's malloc settings alone")
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     p.add_argument("--label", default="", help="heading for RESULTS.md")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -124,7 +130,8 @@ def main(argv=None):
         for amp in ([False, True] if args.amp and args.device == "cuda" else [False]):
             cmd = [sys.executable, __file__, "--child", "--size", size, "--device", args.device,
                    "--threads", str(args.threads), "--runs", str(args.runs), "--warmup", str(args.warmup),
-                   "--window", *map(str, args.window)] + (["--amp"] if amp else []) + ([] if args.flops else ["--no-flops"])
+                   "--window", *map(str, args.window), "--widths", *map(str, args.widths)] + (["--amp"] if amp else []) + ([] if args.flops else ["--no-flops"]) \
+                + (["--plain-heap"] if args.plain_heap else [])
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if out.returncode != 0:
                 sys.exit(f"measurement of {size} failed:\n{out.stderr}")

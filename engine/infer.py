@@ -23,7 +23,8 @@ from utils.metrics import jacobian_stats
 
 from .evaluate import evaluate_pair, format_summary_table, label_dice, summarise, write_results
 from .instance_opt import io_similarity, refine_for_run
-from .runtime import amp_dtype, autocast, command_line, package_versions, resolve_device, synchronize
+from .runtime import (amp_dtype, autocast, command_line, limit_heap_retention, package_versions, resolve_device,
+                      synchronize)
 
 
 def output_dir(run: RunConfig) -> Path:
@@ -78,6 +79,7 @@ def infer(run: RunConfig, checkpoint, *, data_root=None, save_nifti: bool = Fals
     summary.json into the run's output folder (and NIfTI outputs with ``save_nifti``).
     """
     device = resolve_device(run.device)
+    limit_heap_retention()
     if no_network(checkpoint):
         if not run.eval.io_steps:
             raise ValueError("checkpoint 'none' registers by instance optimisation alone: set io_steps > 0")

@@ -29,7 +29,7 @@ from utils.spatial import warp, warp_labels
 
 from .evaluate import evaluate_pair, format_summary_table, summarise, write_results
 from .infer import no_network, register_tensors
-from .runtime import command_line, package_versions, resolve_device
+from .runtime import command_line, limit_heap_retention, package_versions, resolve_device
 
 PAIR_COLUMNS = ("moving", "fixed", "moving_label", "fixed_label", "name")
 
@@ -135,6 +135,7 @@ def register_files(pairs: list[PairFiles], checkpoint, out_dir, *, run: RunConfi
                    log=print) -> dict:
     """Register every pair and write its outputs; returns {"rows", "summary", "paths", "table"}."""
     device = resolve_device(device)
+    limit_heap_retention()
     model, ckpt = (None, None) if no_network(checkpoint) else load_model(checkpoint)
     run = run or run_config_of(ckpt)
     for key, value in (io_settings or {}).items():

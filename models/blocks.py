@@ -14,12 +14,15 @@ class Conv3d(nn.Conv3d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with(x, self.weight, self.bias)
+
+    def forward_with(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """This convolution's geometry with the given weight and bias."""
         if (x.device.type == "cpu" and x.dtype == torch.float32 and self.padding_mode == "zeros"
                 and isinstance(self.padding, tuple) and torch.backends.mkldnn.is_available()
                 and torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu")):
-            return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride,
-                                            self.dilation, self.groups)
-        return super().forward(x)
+            return torch.mkldnn_convolution(x, weight, bias, self.padding, self.stride, self.dilation, self.groups)
+        return self._conv_forward(x, weight, bias)
 
 
 def instance_norm_relu_(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -53,11 +56,35 @@ class ConvNormAct(_LayerNormAct):
         )
 
 
+def conv_of_parts(conv: nn.Conv3d, parts: list[torch.Tensor]) -> torch.Tensor:
+    """``conv(torch.cat(parts, dim=1))`` without building the concatenation: one convolution per
+    part with its slice of the weights, summed in place (same values; no full-size input copy)."""
+    out, start = None, 0
+    for part in parts:
+        stop = start + part.shape[1]
+        weight, bias = conv.weight[:, start:stop], conv.bias if out is None else None
+        y = conv.forward_with(part, weight, bias) if isinstance(conv, Conv3d) else conv._conv_forward(part, weight, bias)
+        out = y if out is None else out.add_(y)
+        del y
+        start = stop
+    if start != conv.in_channels:
+        raise ValueError(f"conv_of_parts: parts have {start} channels, the convolution takes {conv.in_channels}")
+    return out
+
+
 class DoubleConv(nn.Sequential):
     """Two ConvNormAct units: the unit of every encoder level and estimator stage."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(ConvNormAct(in_channels, out_channels), ConvNormAct(out_channels, out_channels))
+
+    def forward_parts(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """``self(torch.cat(parts, dim=1))``; without autograd the concatenation is never built."""
+        if torch.is_grad_enabled():
+            return self(torch.cat(parts, dim=1))
+        first, second = self
+        conv, norm, _ = first
+        return second(instance_norm_relu_(conv_of_parts(conv, parts), norm.eps))
 
 
 class UpConv(_LayerNormAct):

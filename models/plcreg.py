@@ -91,12 +91,22 @@ class EstimatorLevel(nn.Module):
 
         Returns (phi (B, 3, d, h, w'), features passed on as the next level's context).
         """
+        return self.forward_pair([moving, fixed], phi_up, context)
+
+    def forward_pair(self, pair: list, phi_up: torch.Tensor | None, context: torch.Tensor | None):
+        """``forward(*pair, phi_up, context)``; without autograd ``pair`` is emptied so that the
+        level's input features are freed as soon as its first convolution has read them."""
+        moving, fixed = pair
+        if not torch.is_grad_enabled():
+            pair.clear()
         parts = [moving, fixed] if self.attention is None else [moving, self.attention(moving, fixed), fixed]
-        c = self.conv(torch.cat(parts, dim=1))
+        del moving, fixed
+        c = self.conv.forward_parts(parts)
+        del parts
         phi = self._combine(self.head(c), phi_up)
         if self.up_context is None:
             return phi, c
-        fine = self.fine_conv(torch.cat([phi, c, self.up_context(context)], dim=1))
+        fine = self.fine_conv.forward_parts([phi, c, self.up_context(context)])
         phi = self._combine(self.fine_head(fine), phi)
         return phi, fine
 
@@ -146,11 +156,13 @@ class PLCReg(nn.Module):
             raise ValueError(f"PLCReg: moving and fixed must have the same shape, got "
                              f"{tuple(moving.shape)} and {tuple(fixed.shape)}")
 
-    def _run_level(self, lvl: int, *args):
+    def _run_level(self, lvl: int, pair: list, phi_up, context):
         level = self.levels[lvl - 1]
-        if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(level, *args, use_reentrant=False)
-        return level(*args)
+        if not torch.is_grad_enabled():
+            return level.forward_pair(pair, phi_up, context)      # frees the pair's features early
+        if self.config.grad_checkpointing and self.training:
+            return checkpoint(level, *pair, phi_up, context, use_reentrant=False)
+        return level(*pair, phi_up, context)
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor, return_levels: bool = False):
         self._check_inputs(moving, fixed)
@@ -172,11 +184,13 @@ class PLCReg(nn.Module):
 
         phi, context, fields = None, None, []
         for lvl in range(N_LEVELS, 0, -1):
-            m = mov[lvl - 1]
+            m, f = mov.pop(), fix.pop()          # coarsest first; a used level is let go at once
             if phi is not None:
                 phi = resize_displacement(phi, m.shape[2:], align_corners=False)
                 m = self.transformer(m, phi)
-            phi, context = self._run_level(lvl, m, fix[lvl - 1], phi, context)
+            pair = [m, f]
+            del m, f
+            phi, context = self._run_level(lvl, pair, phi, context)
             fields.append(phi)
 
         flow = phi

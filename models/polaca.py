@@ -149,6 +149,8 @@ class PoLaCA(nn.Module):
         moving, fixed: (B, C, D, H, W) -> (B, C, D, H, W).
     """
 
+    inference_chunk_tokens = 2 ** 17      # tokens per chunk of the attention and MLP without autograd
+
     def __init__(self, dim: int, window: Sequence[int], num_heads: int = 8, alpha: float = 15.0,
                  dwc_kernel: int = 3, mlp_ratio: float = 4.0):
         super().__init__()
@@ -170,8 +172,24 @@ class PoLaCA(nn.Module):
         m_pad = pad_to_multiple(self.norm_in(m), self.window)
         f_pad = pad_to_multiple(self.norm_in(f), self.window)
         padded = m_pad.shape[1:4]
-        attn = self.attn(window_partition(f_pad, self.window), window_partition(m_pad, self.window))
+        f_win, m_win = window_partition(f_pad, self.window), window_partition(m_pad, self.window)
+        del f_pad, m_pad
+        if torch.is_grad_enabled():
+            attn = self.attn(f_win, m_win)
+        else:
+            # windows and tokens are independent: in chunks, the attention's and the MLP's
+            # intermediates never exist for the whole volume at once (same values)
+            step = max(1, self.inference_chunk_tokens // f_win.shape[1])
+            attn = torch.cat([self.attn(f_win[i:i + step], m_win[i:i + step]) for i in range(0, len(f_win), step)])
+        del f_win, m_win
         attn = window_reverse(attn, self.window, padded)[:, :size[0], :size[1], :size[2]]
         x = m + attn
-        x = x + self.mlp(self.norm_mlp(x))
+        del attn
+        if torch.is_grad_enabled():
+            x = x + self.mlp(self.norm_mlp(x))
+        else:
+            flat = x.view(-1, x.shape[-1])
+            for i in range(0, flat.shape[0], self.inference_chunk_tokens):
+                part = flat[i:i + self.inference_chunk_tokens]
+                part += self.mlp(self.norm_mlp(part))
         return self.norm_out(x).permute(0, 4, 1, 2, 3)

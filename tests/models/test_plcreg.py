@@ -6,6 +6,7 @@ import torch
 
 from models import build_model, load_model, save_model
 from models.plcreg import EstimatorLevel
+from models.polaca import PoLaCA
 from tests.helpers import synthetic_pair
 from utils.checkpoint import CheckpointError
 from utils.config import ModelConfig
@@ -183,8 +184,11 @@ def test_network_learns_a_synthetic_pair():
     assert end_dice > start_dice + 0.07
 
 
-def test_inference_path_matches_the_autograd_path():
-    """inference_mode runs the encoder per image and the norms in place: same field (|du| < 1e-4)."""
+@pytest.mark.parametrize("chunk", [2 ** 17, 50])
+def test_inference_path_matches_the_autograd_path(chunk, monkeypatch):
+    """inference_mode runs the encoder per image, norms in place, convolutions without
+    concatenations and attention in chunks: same field (|du| < 1e-4)."""
+    monkeypatch.setattr(PoLaCA, "inference_chunk_tokens", chunk)
     torch.manual_seed(0)
     model = build_model(ModelConfig(**SMALL)).eval()
     with torch.no_grad():                   # flow heads large enough to give fields of a few voxels
