@@ -18,16 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from engine.infer import infer
 from engine.train import Trainer
-from utils import figures
 from utils.config import VOXELMORPH_WIDTHS, ModelConfig, RunConfig, preset
 from utils.demo_data import DemoSettings, write_demo_dataset
-from utils.metrics import dice_per_label, jacobian_determinant
-from utils.spatial import warp
 
 ROOT = Path(__file__).resolve().parent
 
@@ -49,33 +43,6 @@ def demo_run(args) -> RunConfig:
         run.model.widths = tuple(args.widths)
     run.device, run.checkpoint_dir, run.output_dir = args.device, str(args.out_dir / "checkpoint"), str(args.out_dir)
     return run
-
-
-def make_figures(run: RunConfig, trainer: Trainer, result: dict, out_dir: Path) -> list[Path]:
-    pairs = trainer.index.test_pairs()
-    cache = trainer.cache            # the volumes are already read and normalised
-    t = cache.pair_tensors(pairs[0], trainer.device)
-    model = trainer.model.eval()
-    with torch.inference_mode():
-        u = model(t["moving"], t["fixed"])
-    warped = warp(t["moving"], u)
-    fig_dir = out_dir / "figures"
-    label_cols = [f"dice_{v}" for v in run.data.labels]
-    registered = np.array([[r.get(c, np.nan) for c in label_cols] for r in result["rows"]], dtype=float)
-    initial = []
-    for p in pairs[:len(result["rows"])]:
-        tp = cache.pair_tensors(p)
-        initial.append(dice_per_label(tp["moving_label"], tp["fixed_label"], run.data.labels))
-    return [
-        figures.registration_panels(t["moving"], t["fixed"], warped, fig_dir / "registration.png",
-                                    f"{pairs[0].name}: moving, atlas, warped"),
-        figures.deformation_grid(u, fig_dir / "deformation_grid.png", spacing=3 if run.data.image_size[0] < 60 else 4,
-                                 title="deformation grid (where each atlas voxel samples the subject)"),
-        figures.jacobian_map(jacobian_determinant(u), fig_dir / "jacobian.png"),
-        figures.dice_boxplot(np.array(initial), registered, list(run.data.labels), fig_dir / "dice_per_structure.png",
-                             f"Dice per structure over {len(registered)} test pairs"),
-        figures.training_curves(trainer.dir / "train_log.csv", fig_dir / "training_curves.png"),
-    ]
 
 
 def main(argv=None) -> int:
@@ -115,7 +82,8 @@ def main(argv=None) -> int:
     progress = False if args.no_progress else None
     trainer = Trainer(run, progress=progress)
     trainer.fit()
-    result = infer(run, None, model=trainer.model, index=trainer.index, progress=progress)
+    result = infer(run, None, model=trainer.model, index=trainer.index, progress=progress, figures=True,
+                   train_log=trainer.dir / "train_log.csv")
     print()
     print(result["table"])
     if args.io_steps:
@@ -124,7 +92,7 @@ def main(argv=None) -> int:
         with_io = infer(run, None, model=trainer.model, index=trainer.index, progress=progress)
         print()
         print(with_io["table"])
-    paths = make_figures(run, trainer, result, args.out_dir)
+    paths = result["paths"]["figures"]
     print(f"\nresults: {result['paths']['summary_json'].parent}")
     print("figures: " + ", ".join(str(p.relative_to(args.out_dir)) for p in paths))
     print(f"wall time: {time.time() - t_start:.0f} s")

@@ -55,6 +55,7 @@ def infer_parser(dataset: str) -> argparse.ArgumentParser:
     p.add_argument("--label-interpolation", choices=["nearest", "onehot"])
     p.add_argument("--hd95-mm", action="store_true", help="HD95 in mm (image spacing) instead of voxels")
     p.add_argument("--amp", action="store_true", help="CUDA mixed precision for the network")
+    p.add_argument("--figures", action="store_true", help="write figures into <output-dir>/figures")
     add_io_arguments(p)
     return p
 
@@ -169,7 +170,8 @@ def infer_main(dataset: str, argv=None) -> int:
     from .infer import infer
     checkpoint = Path(args.checkpoint or f"Checkpoint/{dataset}/best.pth")
     try:
-        result = infer(run, checkpoint, save_nifti=args.save_nifti, progress=False if args.no_progress else None)
+        result = infer(run, checkpoint, save_nifti=args.save_nifti, progress=False if args.no_progress else None,
+                       figures=args.figures)
     except (DataError, CheckpointError, ValueError) as exc:
         return _fail(str(exc))
     print(result["table"])

@@ -45,8 +45,9 @@ def evaluate_pair(u: torch.Tensor, moving_label: torch.Tensor | None, fixed_labe
         row["dice"] = _nanmean(per_label)
         row["dice_initial"] = _nanmean(initial)
         row["hd95"] = _nanmean(hd)
-        for lab, d in zip([v for v in labels if v != 0], per_label):
+        for lab, d, d0 in zip([v for v in labels if v != 0], per_label, initial):
             row[f"dice_{lab}"] = d
+            row[f"dice_initial_{lab}"] = d0
     return row, warped
 
 

@@ -23,6 +23,7 @@ from utils.metrics import jacobian_stats
 
 from .evaluate import evaluate_pair, format_summary_table, label_dice, summarise, write_results
 from .instance_opt import io_similarity, refine_for_run
+from .report import inference_figures
 from .runtime import (amp_dtype, autocast, command_line, limit_heap_retention, package_versions, resolve_device,
                       synchronize)
 
@@ -72,11 +73,13 @@ def register_tensors(model, run: RunConfig, moving: torch.Tensor, fixed: torch.T
 
 
 def infer(run: RunConfig, checkpoint, *, data_root=None, save_nifti: bool = False, progress: bool | None = None,
-          index: DatasetIndex | None = None, model=None) -> dict:
+          index: DatasetIndex | None = None, model=None, figures: bool = False, train_log=None) -> dict:
     """Evaluate a checkpoint (or a given model) on the data set's test pairs.
 
     Returns {"rows", "summary", "paths", "table"}; writes per_case.csv, summary.csv and
-    summary.json into the run's output folder (and NIfTI outputs with ``save_nifti``).
+    summary.json into the run's output folder (and NIfTI outputs with ``save_nifti``, and
+    ``figures/`` with ``figures``: panels, grid and Jacobian of the first pair, Dice per
+    structure, and training curves from ``train_log`` or the checkpoint's folder).
     """
     device = resolve_device(run.device)
     limit_heap_retention()
@@ -97,10 +100,12 @@ def infer(run: RunConfig, checkpoint, *, data_root=None, save_nifti: bool = Fals
     out_dir = output_dir(run)
     cache = VolumeCache(run.data)
     labels = run.data.labels
-    rows = []
+    rows, first = [], None
     for pair in tqdm(pairs, desc="inference", disable=None if progress is None else not progress):
         t = cache.pair_tensors(pair, device)
         u, info = register_tensors(model, run, t["moving"], t["fixed"])
+        if figures and first is None:
+            first = {"name": pair.name, "moving": t["moving"], "fixed": t["fixed"], "u": u}
         spacing = t["fixed_volume"].spacing if run.eval.hd95_spacing else None
         row, warped_label = evaluate_pair(u, t.get("moving_label"), t.get("fixed_label"), labels,
                                           run.eval.label_interpolation, spacing)
@@ -125,6 +130,10 @@ def infer(run: RunConfig, checkpoint, *, data_root=None, save_nifti: bool = Fals
                                       | {"similarity": io_similarity(run.train.similarity)})
             if run.eval.io_steps else None}
     paths = write_results(out_dir, rows, summary, meta)
+    if figures:
+        log = train_log or (Path(checkpoint).parent / "train_log.csv" if checkpoint and not no_network(checkpoint)
+                            else None)
+        paths["figures"] = inference_figures(out_dir / "figures", first, rows, labels, log)
     method = {"plcreg": "PLCReg", "voxelmorph": "VoxelMorph"}.get(model.config.arch, model.config.arch) \
         if model is not None else "no network"
     if run.eval.io_steps:

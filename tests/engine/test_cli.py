@@ -92,8 +92,11 @@ def test_checkpoint_of_other_architecture_refused(oasis, tmp_path, capsys):
     assert train_main("OASIS", _train_args(oasis, tmp_path)) == 0
     args = ["--data-root", str(oasis), "--checkpoint", str(tmp_path / "ck" / "last.pth"), "--output-dir",
             str(tmp_path / "out"), "--no-progress"]
-    # inference rebuilds the network from the checkpoint itself: fine
-    assert infer_main("OASIS", args) == 0
+    # inference rebuilds the network from the checkpoint itself: fine (and draws its figures)
+    assert infer_main("OASIS", args + ["--figures"]) == 0
+    for name in ("registration", "deformation_grid", "jacobian", "dice_per_structure", "training_curves"):
+        png = tmp_path / "out" / "figures" / f"{name}.png"
+        assert png.is_file() and png.stat().st_size > 10_000
     # fine-tuning a different architecture from it is refused, naming the field
     wide = _train_args(oasis, tmp_path / "other") + ["--init-from", str(tmp_path / "ck" / "last.pth"),
                                                      "--set", "model.widths=8,16,16,32,64"]
