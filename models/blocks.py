@@ -20,7 +20,8 @@ class Conv3d(nn.Conv3d):
         """This convolution's geometry with the given weight and bias."""
         if (x.device.type == "cpu" and x.dtype == torch.float32 and self.padding_mode == "zeros"
                 and isinstance(self.padding, tuple) and torch.backends.mkldnn.is_available()
-                and torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu")):
+                and torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu")
+                and not torch.compiler.is_compiling()):                 # the compiler picks its own kernels
             return torch.mkldnn_convolution(x, weight, bias, self.padding, self.stride, self.dilation, self.groups)
         return self._conv_forward(x, weight, bias)
 
