@@ -23,8 +23,8 @@ from engine.register import load_pair, read_pairs_csv
 from engine.runtime import resolve_device
 from utils.checkpoint import CheckpointError
 from utils.config import PRESETS, apply_override, preset
-from utils.datasets import VolumeCache, discover
-from utils.io import DataError
+from utils.datasets import VolumeCache, discover, volume_tensor
+from utils.io import DataError, load_nifti
 
 
 class LazyItems:
@@ -57,16 +57,15 @@ def dataset_items(run, device):
 
 def csv_items(path, run, device, max_pairs):
     pairs = read_pairs_csv(path)[: max_pairs or None]
-    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a))[None, None].to(device)  # noqa: E731
 
     def load(i):
         p = load_pair(pairs[i], run.data)
-        return {k: as_tensor(p[k]) for k in ("moving", "fixed", "moving_label", "fixed_label") if k in p} \
+        return {k: volume_tensor(p[k], device) for k in ("moving", "fixed", "moving_label", "fixed_label") if k in p} \
             | {"name": pairs[i].case}
     labels = set()
     for files in pairs:
         if files.fixed_label:
-            labels |= set(np.unique(load_pair(files, run.data)["fixed_label"]).tolist())
+            labels |= set(np.unique(load_nifti(files.fixed_label, "label").array).tolist())
     return LazyItems([p.case for p in pairs], load), sorted(labels - {0})
 
 

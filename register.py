@@ -11,7 +11,7 @@ Dice and HD95 are reported when both label maps are given.
 import argparse
 import sys
 
-from engine.cli import EXIT_BAD_INPUT, add_io_arguments
+from engine.cli import EXIT_BAD_INPUT, add_io_arguments, io_settings
 from engine.register import PairFiles, read_pairs_csv, register_files
 from utils.checkpoint import CheckpointError
 from utils.io import DataError
@@ -34,8 +34,7 @@ def main(argv=None) -> int:
         p.error("give either --pairs, or --moving and --fixed")
     if not args.pairs and not (args.moving and args.fixed):
         p.error("--moving and --fixed are both required")
-    io = {k: v for k, v in (("io_steps", args.io_steps), ("io_lr", args.io_lr), ("io_weight", args.io_weight))
-          if v is not None}
+    io = io_settings(args)
     try:
         pairs = read_pairs_csv(args.pairs) if args.pairs else \
             [PairFiles(args.moving, args.fixed, args.moving_label, args.fixed_label)]

@@ -16,7 +16,6 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import append_results  # noqa: E402
+from benchmarks.common import append_results, measure_in_child  # noqa: E402
 
 DATASET_SIZES = {"OASIS": (160, 224, 192), "LPBA40": (160, 192, 160), "IXI": (160, 192, 224)}
 
@@ -128,14 +127,11 @@ def main(argv=None):
     rows = []
     for size in args.sizes:
         for amp in ([False, True] if args.amp and args.device == "cuda" else [False]):
-            cmd = [sys.executable, __file__, "--child", "--size", size, "--device", args.device,
-                   "--threads", str(args.threads), "--runs", str(args.runs), "--warmup", str(args.warmup),
-                   "--window", *map(str, args.window), "--widths", *map(str, args.widths)] + (["--amp"] if amp else []) + ([] if args.flops else ["--no-flops"]) \
+            child = ["--size", size, "--device", args.device, "--threads", str(args.threads), "--runs", str(args.runs),
+                     "--warmup", str(args.warmup), "--window", *map(str, args.window), "--widths", *map(str, args.widths)]
+            child += (["--amp"] if amp else []) + ([] if args.flops else ["--no-flops"]) \
                 + (["--plain-heap"] if args.plain_heap else [])
-            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if out.returncode != 0:
-                sys.exit(f"measurement of {size} failed:\n{out.stderr}")
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            rows.append(measure_in_child(__file__, child, size))
             print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     table = format_table(rows)
     print()

@@ -14,7 +14,6 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import append_results  # noqa: E402
+from benchmarks.common import append_results, measure_in_child  # noqa: E402
 
 NETWORKS = {"default": {}, "light": {"widths": (8, 16, 32, 64, 128)}}
 
@@ -109,13 +108,10 @@ def main(argv=None):
     for size in args.sizes:
         for network in args.networks:
             for variant in variants:
-                cmd = [sys.executable, __file__, "--child", "--size", size, "--network", network, "--variant", variant,
-                       "--device", args.device, "--threads", str(args.threads), "--runs", str(args.runs),
-                       "--warmup", str(args.warmup), "--window", *map(str, args.window)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-                if out.returncode != 0:
-                    sys.exit(f"measurement of {size} {network} {variant} failed:\n{out.stderr[-3000:]}")
-                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                child = ["--size", size, "--network", network, "--variant", variant, "--device", args.device,
+                         "--threads", str(args.threads), "--runs", str(args.runs), "--warmup", str(args.warmup),
+                         "--window", *map(str, args.window)]
+                rows.append(measure_in_child(__file__, child, f"{size} {network} {variant}"))
                 print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     table = format_table(rows)
     print()

@@ -27,3 +27,15 @@ def append_results(script: str, label: str, table: str, device: str = "cpu", arg
     with open(RESULTS, "a") as fh:
         fh.write(f"\n### {label} ({time.strftime('%Y-%m-%d')})\n\nMachine: {machine_line(device)}\n\n"
                  f"Command: `{cmd.strip()}`\n\n{table}\n" + (f"\n{extra}\n" if extra else ""))
+
+
+def measure_in_child(script: str, child_args: list[str], what: str) -> dict:
+    """Run ``script --child <child_args>`` in a fresh process (so its peak memory is its own)
+    and return the JSON row it prints last; exits with its stderr when it fails."""
+    import json
+    import subprocess
+    out = subprocess.run([sys.executable, script, "--child", *child_args], capture_output=True, text=True,
+                         check=False)
+    if out.returncode != 0:
+        sys.exit(f"measurement of {what} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

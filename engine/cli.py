@@ -67,11 +67,15 @@ def add_io_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--io-weight", type=float, help="smoothness weight of instance optimisation (default 5.0)")
 
 
+def io_settings(args) -> dict:
+    """The --io-* flags given on the command line, as EvalConfig fields."""
+    return {name: getattr(args, name) for name in ("io_steps", "io_lr", "io_weight")
+            if getattr(args, name, None) is not None}
+
+
 def apply_io_arguments(run: RunConfig, args) -> None:
-    for flag, name in (("io_steps", "io_steps"), ("io_lr", "io_lr"), ("io_weight", "io_weight")):
-        value = getattr(args, flag, None)
-        if value is not None:
-            setattr(run.eval, name, value)
+    for name, value in io_settings(args).items():
+        setattr(run.eval, name, value)
     run.eval.__post_init__()
 
 
@@ -138,9 +142,7 @@ def train_main(dataset: str, argv=None) -> int:
                           progress=False if args.no_progress else None)
         trainer.fit()
         if trainer.ctx.distributed:
-            sums = [None] * trainer.ctx.world_size
-            import torch.distributed as dist
-            dist.all_gather_object(sums, trainer.weights_checksum())
+            sums = ddp.gather_objects(trainer.weights_checksum(), trainer.ctx)
             if trainer.ctx.is_main:
                 same = len(set(sums)) == 1
                 print(f"weights {'identical' if same else 'DIFFER'} on {trainer.ctx.world_size} ranks "

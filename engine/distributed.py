@@ -95,10 +95,19 @@ def mean_over_ranks(values: dict[str, float], ctx: Context, device: torch.device
     return {k: float(v) / ctx.world_size for k, v in zip(keys, t.tolist())}
 
 
+def gather_objects(value, ctx: Context) -> list:
+    """Every rank's ``value``, in rank order (a collective: call on all ranks)."""
+    if not ctx.distributed:
+        return [value]
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
 def barrier(ctx: Context) -> None:
     if ctx.distributed:
         dist.barrier()
 
 
 __all__ = ["Context", "setup", "teardown", "shard", "any_rank", "main_rank_decides", "mean_over_ranks",
-           "barrier", "launched_by_torchrun"]
+           "barrier", "gather_objects", "launched_by_torchrun"]

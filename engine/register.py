@@ -16,13 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from models import load_model
 from models.plcreg import padded_size
 from utils.config import RunConfig
-from utils.datasets import normalise
+from utils.datasets import normalise, volume_tensor
 from utils.io import DataError, Volume, load_nifti, save_like
 from utils.resample import resample_to_grid, same_grid
 from utils.spatial import warp, warp_labels
@@ -154,7 +153,7 @@ def register_files(pairs: list[PairFiles], checkpoint, out_dir, *, run: RunConfi
             p["notes"].append(f"network input zero-padded from {shape} to {padded_size(shape)}, field cropped back")
         for note in p["notes"]:
             log(f"{files.case}: {note}")
-        as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a))[None, None].to(device)  # noqa: E731
+        as_tensor = lambda a: volume_tensor(a, device)  # noqa: E731
         u, info = register_tensors(model, run, as_tensor(p["moving"]), as_tensor(p["fixed"]))
         ml, fl = (as_tensor(p[k]) if k in p else None for k in ("moving_label", "fixed_label"))
         labels = sorted(set(np.unique(p["fixed_label"]).tolist()) - {0}) if fl is not None else []

@@ -58,7 +58,7 @@ def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
     if not enabled:
         return None
     if device.type != "cuda":
-        if not _warned:
+        if "amp" not in _warned:
             print("warning: --amp applies to CUDA only; running in float32 on the CPU", file=sys.stderr)
             _warned.add("amp")
         return None

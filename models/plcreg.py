@@ -36,6 +36,12 @@ def padded_size(size: Sequence[int]) -> tuple[int, ...]:
     return tuple(max(MIN_SIZE, -(-int(n) // SIZE_MULTIPLE) * SIZE_MULTIPLE) for n in size)
 
 
+def pad_far_end(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Zero-pad (B, C, D, H, W) at the far end of each axis up to ``size`` (no copy when equal)."""
+    pads = [int(s) - n for s, n in zip(size, x.shape[2:])]
+    return F.pad(x, (0, pads[2], 0, pads[1], 0, pads[0])) if any(pads) else x
+
+
 class Encoder(nn.Module):
     """Five levels of DoubleConv with AvgPool3d(2) between them.
 
@@ -167,10 +173,7 @@ class PLCReg(nn.Module):
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor, return_levels: bool = False):
         self._check_inputs(moving, fixed)
         size = moving.shape[2:]
-        pads = [p - n for p, n in zip(padded_size(size), size)]
-        if any(pads):
-            spec = (0, pads[2], 0, pads[1], 0, pads[0])
-            moving, fixed = F.pad(moving, spec), F.pad(fixed, spec)
+        moving, fixed = pad_far_end(moving, padded_size(size)), pad_far_end(fixed, padded_size(size))
 
         if torch.is_grad_enabled():
             # shared weights: one encoder pass over both images as a batch of 2B

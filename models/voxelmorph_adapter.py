@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from utils.config import ModelConfig
+
+from .plcreg import pad_far_end
 
 INSTALL_HINT = "VoxelMorph baseline needs the optional package: pip install -r requirements-baselines.txt"
 
@@ -51,10 +52,8 @@ class VoxelMorphNet(nn.Module):
                              f"{tuple(moving.shape)} and {tuple(fixed.shape)}")
         size = moving.shape[2:]
         m = 2 ** len(self.config.widths)
-        pads = [-n % m for n in size]
-        if any(pads):
-            spec = (0, pads[2], 0, pads[1], 0, pads[0])
-            moving, fixed = F.pad(moving, spec), F.pad(fixed, spec)
+        target = [n + (-n % m) for n in size]
+        moving, fixed = pad_far_end(moving, target), pad_far_end(fixed, target)
         u = self.net(moving, fixed, return_field_type="displacement")
         return u[:, :, :size[0], :size[1], :size[2]]
 

@@ -308,11 +308,11 @@ class VolumeCache:
         if m.image.array.shape != f.image.array.shape:
             raise DataError(f"shape mismatch: {m.image.path} is {m.image.array.shape} but "
                             f"{f.image.path} is {f.image.array.shape}; resample to a common grid first")
-        out = {"moving": _tensor(m.image.array, device), "fixed": _tensor(f.image.array, device),
+        out = {"moving": volume_tensor(m.image.array, device), "fixed": volume_tensor(f.image.array, device),
                "fixed_volume": f.image, "moving_volume": m.image}
         if m.label is not None and f.label is not None:
-            out["moving_label"] = _tensor(m.label.array, device)
-            out["fixed_label"] = _tensor(f.label.array, device)
+            out["moving_label"] = volume_tensor(m.label.array, device)
+            out["fixed_label"] = volume_tensor(f.label.array, device)
         return out
 
 
@@ -323,5 +323,6 @@ def cache_capacity(cfg: DataConfig, n_sides: int, budget_mb: float) -> int:
     return max(16, min(n_sides, int(budget_mb // max(per_side, 1e-6))))
 
 
-def _tensor(arr: np.ndarray, device) -> torch.Tensor:
+def volume_tensor(arr: np.ndarray, device="cpu") -> torch.Tensor:
+    """A (D, H, W) array as a (1, 1, D, H, W) tensor on ``device``."""
     return torch.from_numpy(np.ascontiguousarray(arr))[None, None].to(device)
