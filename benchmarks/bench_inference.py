@@ -9,6 +9,10 @@ the meta device (shapes only).
     python benchmarks/bench_inference.py                       # OASIS size, 2 CPU threads
     python benchmarks/bench_inference.py --sizes 160x192x160 --threads 2 --runs 3
     python benchmarks/bench_inference.py --device cuda --amp --write
+    python benchmarks/bench_inference.py --compile        # eager and torch.compile side by side
+
+With ``--compile`` each size is measured twice, eager and compiled (``torch.compile``,
+fixed shapes); the first compiled call (compilation included) is reported apart.
 """
 from __future__ import annotations
 
@@ -56,6 +60,11 @@ def measure(args) -> dict:
     fixed = torch.rand(1, 1, *size, generator=g).to(device)
     amp = args.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    first_call = float("nan")
+    if args.compiled:
+        from engine.runtime import compile_model
+        compile_model(model)
+        t0 = time.perf_counter()
 
     def run():
         with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
@@ -64,8 +73,10 @@ def measure(args) -> dict:
             torch.cuda.synchronize()
         return u
 
-    for _ in range(args.warmup):
+    for i in range(args.warmup):
         run()
+        if i == 0 and args.compiled:
+            first_call = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -88,7 +99,8 @@ def measure(args) -> dict:
     else:
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"size": "x".join(map(str, size)), "device": device.type, "threads": args.threads,
-            "amp": str(amp_dtype).replace("torch.", "") if amp else "fp32", "params_M": params / 1e6,
+            "amp": (str(amp_dtype).replace("torch.", "") if amp else "fp32") + (", compiled" if args.compiled else ""),
+            "first_call_s": first_call, "params_M": params / 1e6,
             "gmacs": gmacs, "median_s": statistics.median(times), "min_s": min(times), "peak_mib": peak_mib,
             "runs": args.runs}
 
@@ -113,31 +125,39 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--amp", action="store_true", help="also measure autocast (CUDA only)")
+    p.add_argument("--compile", action="store_true", help="also measure the network under torch.compile")
     p.add_argument("--no-flops", dest="flops", action="store_false")
     p.add_argument("--plain-heap", action="store_true", help="leave glibc's malloc settings alone")
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     p.add_argument("--label", default="", help="heading for RESULTS.md")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
+    p.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.child:
         print(json.dumps(measure(args)))
         return
     rows = []
+    variants = [(amp, compiled) for compiled in ([False, True] if args.compile else [False])
+                for amp in ([False, True] if args.amp and args.device == "cuda" else [False])]
     for size in args.sizes:
-        for amp in ([False, True] if args.amp and args.device == "cuda" else [False]):
+        for amp, compiled in variants:
             child = ["--size", size, "--device", args.device, "--threads", str(args.threads), "--runs", str(args.runs),
                      "--warmup", str(args.warmup), "--window", *map(str, args.window), "--widths", *map(str, args.widths)]
             child += (["--amp"] if amp else []) + ([] if args.flops else ["--no-flops"]) \
-                + (["--plain-heap"] if args.plain_heap else [])
+                + (["--plain-heap"] if args.plain_heap else []) + (["--compiled"] if compiled else [])
             rows.append(measure_in_child(__file__, child, size))
             print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     table = format_table(rows)
+    firsts = [f"{r['size']} {r['amp']}: {r['first_call_s']:.1f} s" for r in rows if r.get("first_call_s") == r.get("first_call_s")]
+    extra = ("First compiled call (compilation included): " + "; ".join(firsts) + ".") if firsts else ""
     print()
     print(table)
+    if extra:
+        print(extra)
     if args.write:
-        append_results("bench_inference.py", args.label or "Inference, one pair", table, args.device, argv)
+        append_results("bench_inference.py", args.label or "Inference, one pair", table, args.device, argv, extra)
 
 
 if __name__ == "__main__":

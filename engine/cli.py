@@ -55,6 +55,8 @@ def infer_parser(dataset: str) -> argparse.ArgumentParser:
     p.add_argument("--label-interpolation", choices=["nearest", "onehot"])
     p.add_argument("--hd95-mm", action="store_true", help="HD95 in mm (image spacing) instead of voxels")
     p.add_argument("--amp", action="store_true", help="CUDA mixed precision for the network")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (the first pair compiles: up to 1.5 minutes on 2 CPU cores)")
     p.add_argument("--figures", action="store_true", help="write figures into <output-dir>/figures")
     add_io_arguments(p)
     return p
@@ -119,6 +121,8 @@ def build_run(dataset: str, args, training: bool) -> RunConfig:
             run.eval.hd95_spacing = True
         if args.amp:
             run.eval.amp = True
+        if args.compile:
+            run.eval.compile = True
         apply_io_arguments(run, args)
     return run
 

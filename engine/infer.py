@@ -24,8 +24,8 @@ from utils.metrics import jacobian_stats
 from .evaluate import evaluate_pair, format_summary_table, label_dice, summarise, write_results
 from .instance_opt import io_similarity, refine_for_run
 from .report import inference_figures
-from .runtime import (amp_dtype, autocast, command_line, limit_heap_retention, package_versions, resolve_device,
-                      synchronize)
+from .runtime import (amp_dtype, autocast, command_line, compile_model, limit_heap_retention, package_versions,
+                      resolve_device, synchronize)
 
 
 def output_dir(run: RunConfig) -> Path:
@@ -91,6 +91,8 @@ def infer(run: RunConfig, checkpoint, *, data_root=None, save_nifti: bool = Fals
         model, _ = load_model(checkpoint)
     if model is not None:
         model = model.to(device).eval()
+        if run.eval.compile:
+            compile_model(model)
     index = index or discover(run.data, data_root, run.train.seed)
     pairs = index.test_pairs()
     if run.eval.max_pairs:

@@ -5,12 +5,57 @@ import torch
 import torch.nn as nn
 
 
+@torch.library.custom_op("plcreg::onednn_conv3d", mutates_args=())
+def onednn_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: list[int],
+                  stride: list[int], dilation: list[int], groups: int) -> torch.Tensor:
+    """``torch.mkldnn_convolution`` as an operator ``torch.compile`` keeps whole: traced through,
+    the compiler would hand the convolution back to PyTorch's kernel selection (and its slow
+    kernel on small volumes). (B, C_in, D, H, W) -> (B, C_out, D', H', W'), always contiguous
+    (oneDNN would answer a channels-last input in kind, which the compiler cannot foresee)."""
+    return torch.mkldnn_convolution(x.contiguous(), weight, bias, padding, stride, dilation, groups).contiguous()
+
+
+@onednn_conv3d.register_fake
+def _onednn_conv3d_shape(x, weight, bias, padding, stride, dilation, groups):
+    spatial = [(n + 2 * p - d * (k - 1) - 1) // s + 1
+               for n, k, p, s, d in zip(x.shape[2:], weight.shape[2:], padding, stride, dilation)]
+    return x.new_empty((x.shape[0], weight.shape[0], *spatial))
+
+
+def _onednn_conv3d_save(ctx, inputs, output):
+    x, weight, bias, padding, stride, dilation, groups = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.geometry = (bias is not None, padding, stride, dilation, groups)
+
+
+def _onednn_conv3d_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    has_bias, padding, stride, dilation, groups = ctx.geometry
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        grad, x, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation,
+        False, [0, 0, 0], groups, [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias])
+    return gx, gw, gb, None, None, None, None
+
+
+onednn_conv3d.register_autograd(_onednn_conv3d_backward, setup_context=_onednn_conv3d_save)
+
+
+_HAS_ONEDNN = torch.backends.mkldnn.is_available()
+
+
+def _onednn_applies(x: torch.Tensor, padding_mode: str, padding) -> bool:
+    """Whether a convolution with this input and padding can go to oneDNN directly."""
+    return (_HAS_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and padding_mode == "zeros"
+            and isinstance(padding, tuple) and not torch.is_autocast_enabled("cpu"))
+
+
 class Conv3d(nn.Conv3d):
     """``nn.Conv3d`` that always takes oneDNN for float32 CPU inputs.
 
     PyTorch picks its native ``slow_conv3d`` kernel for single-sample volumes with
     batch * channels * D * H <= 20480 (a heuristic made for 2D), about 10x slower on
     the small volumes of quick runs and on the coarse levels. Same weights, same result.
+    Under ``torch.compile`` the call goes through the :func:`onednn_conv3d` operator.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -18,10 +63,11 @@ class Conv3d(nn.Conv3d):
 
     def forward_with(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """This convolution's geometry with the given weight and bias."""
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and self.padding_mode == "zeros"
-                and isinstance(self.padding, tuple) and torch.backends.mkldnn.is_available()
-                and torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu")
-                and not torch.compiler.is_compiling()):                 # the compiler picks its own kernels
+        if torch.compiler.is_compiling():
+            if _onednn_applies(x, self.padding_mode, self.padding):
+                return onednn_conv3d(x, weight, bias, list(self.padding), list(self.stride),
+                                     list(self.dilation), self.groups)
+        elif _onednn_applies(x, self.padding_mode, self.padding) and torch.backends.mkldnn.enabled:
             return torch.mkldnn_convolution(x, weight, bias, self.padding, self.stride, self.dilation, self.groups)
         return self._conv_forward(x, weight, bias)
 

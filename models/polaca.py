@@ -162,6 +162,14 @@ class PoLaCA(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.norm_out = nn.LayerNorm(dim)
 
+    def _attention_in_chunks(self, f_win: torch.Tensor, m_win: torch.Tensor) -> torch.Tensor:
+        """``self.attn(f_win, m_win)`` over chunks of about ``inference_chunk_tokens`` tokens."""
+        step = max(1, self.inference_chunk_tokens // f_win.shape[1])
+        parts = []
+        for i in range(0, len(f_win), step):
+            parts.append(self.attn(f_win[i:i + step], m_win[i:i + step]))
+        return torch.cat(parts)
+
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         if moving.shape != fixed.shape or moving.ndim != 5:
             raise ValueError(f"PoLaCA: expected moving and fixed features of one shape (B, C, D, H, W), "
@@ -179,8 +187,7 @@ class PoLaCA(nn.Module):
         else:
             # windows and tokens are independent: in chunks, the attention's and the MLP's
             # intermediates never exist for the whole volume at once (same values)
-            step = max(1, self.inference_chunk_tokens // f_win.shape[1])
-            attn = torch.cat([self.attn(f_win[i:i + step], m_win[i:i + step]) for i in range(0, len(f_win), step)])
+            attn = self._attention_in_chunks(f_win, m_win)
         del f_win, m_win
         attn = window_reverse(attn, self.window, padded)[:, :size[0], :size[1], :size[2]]
         x = m + attn

@@ -212,6 +212,7 @@ class EvalConfig:
     hd95_spacing: bool = False             # HD95 in mm (image spacing) instead of voxels
     max_pairs: int = 0                     # test pairs evaluated (0 = all)
     amp: bool = False                      # CUDA mixed precision for the network (fields returned in fp32)
+    compile: bool = False                  # torch.compile the network (fixed shapes; compiles on the first pair)
     # instance optimisation (engine/instance_opt.py): refine each pair's field on its own
     # unsupervised loss (the run's similarity; MIND when training used labels only)
     io_steps: int = 0                      # Adam steps per pair (0 = the network's field as it is)

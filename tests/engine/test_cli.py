@@ -88,7 +88,7 @@ def test_bad_training_input_gives_message_not_traceback(oasis, tmp_path, capsys,
     assert err.startswith("error: ") and message in err and "Traceback" not in err
 
 
-def test_checkpoint_of_other_architecture_refused(oasis, tmp_path, capsys):
+def test_checkpoint_of_other_architecture_refused(oasis, tmp_path, capsys, monkeypatch):
     assert train_main("OASIS", _train_args(oasis, tmp_path)) == 0
     args = ["--data-root", str(oasis), "--checkpoint", str(tmp_path / "ck" / "last.pth"), "--output-dir",
             str(tmp_path / "out"), "--no-progress"]
@@ -97,6 +97,13 @@ def test_checkpoint_of_other_architecture_refused(oasis, tmp_path, capsys):
     for name in ("registration", "deformation_grid", "jacobian", "dice_per_structure", "training_curves"):
         png = tmp_path / "out" / "figures" / f"{name}.png"
         assert png.is_file() and png.stat().st_size > 10_000
+    # --compile hands the loaded network to engine.runtime.compile_model (compiling itself is
+    # tested in tests/models/test_plcreg.py) and is recorded with the results
+    compiled = []
+    monkeypatch.setattr("engine.infer.compile_model", lambda model: compiled.append(model) or model)
+    assert infer_main("OASIS", args[:-2] + [str(tmp_path / "out_c"), "--no-progress", "--compile"]) == 0
+    assert len(compiled) == 1 and type(compiled[0]).__name__ == "PLCReg"
+    assert json.loads((tmp_path / "out_c" / "summary.json").read_text())["config"]["eval"]["compile"] is True
     # fine-tuning a different architecture from it is refused, naming the field
     wide = _train_args(oasis, tmp_path / "other") + ["--init-from", str(tmp_path / "ck" / "last.pth"),
                                                      "--set", "model.widths=8,16,16,32,64"]

@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from models.blocks import Conv3d, ConvNormAct, FlowHead, instance_norm_relu_
+from models.blocks import Conv3d, ConvNormAct, FlowHead, instance_norm_relu_, onednn_conv3d
 
 
 def test_conv3d_matches_native_kernel_forward_and_backward():
@@ -44,3 +44,31 @@ def test_conv_norm_act_inference_path_equals_autograd_path():
     with torch.inference_mode():
         fast = block(x)
     assert (fast - ref).abs().max().item() < 1e-5
+
+
+def test_onednn_operator_passes_torch_opcheck():
+    # schema, fake (shape-only) kernel, autograd registration: what torch.compile relies on
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 6, 7, 5, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, 3, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    for args in ((x, w, b, [1, 1, 1], [1, 1, 1], [1, 1, 1], 1), (x, w, None, [0, 1, 2], [2, 1, 1], [1, 1, 1], 1)):
+        torch.library.opcheck(onednn_conv3d, args)
+
+
+def test_onednn_operator_matches_conv3d_in_float64_forward_and_backward():
+    torch.manual_seed(0)
+    x = torch.randn(1, 6, 8, 9, 7, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, 3, requires_grad=True)           # groups 2
+    b = torch.randn(4, requires_grad=True)
+    y = onednn_conv3d(x.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3), w, b,
+                      [1, 0, 1], [1, 2, 1], [1, 1, 2], 2)          # a channels-last input comes back contiguous
+    assert y.is_contiguous()
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = F.conv3d(x64, w64, b64, stride=(1, 2, 1), padding=(1, 0, 1), dilation=(1, 1, 2), groups=2)
+    assert y.shape == ref.shape and torch.allclose(y.double(), ref, atol=1e-4)
+    g = torch.randn(ref.shape, dtype=torch.float64)
+    grads = torch.autograd.grad((y.double() * g).sum(), (x, w, b))
+    refs = torch.autograd.grad((ref * g).sum(), (x64, w64, b64))
+    for got, want in zip(grads, refs):
+        assert torch.allclose(got.double(), want, atol=1e-4)

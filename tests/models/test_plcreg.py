@@ -7,6 +7,7 @@ import torch
 from models import build_model, load_model, save_model
 from models.plcreg import EstimatorLevel
 from models.polaca import PoLaCA
+from engine.runtime import compile_model
 from tests.helpers import synthetic_pair
 from utils.checkpoint import CheckpointError
 from utils.config import ModelConfig
@@ -184,21 +185,52 @@ def test_network_learns_a_synthetic_pair():
     assert end_dice > start_dice + 0.07
 
 
-@pytest.mark.parametrize("chunk", [2 ** 17, 50])
-def test_inference_path_matches_the_autograd_path(chunk, monkeypatch):
-    """inference_mode runs the encoder per image, norms in place, convolutions without
-    concatenations and attention in chunks: same field (|du| < 1e-4)."""
-    monkeypatch.setattr(PoLaCA, "inference_chunk_tokens", chunk)
+def _model_pair_and_plain_field():
+    """A small network whose flow heads give fields of a few voxels, an odd-sized pair, and
+    the field of the autograd (plain) path."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(**SMALL)).eval()
-    with torch.no_grad():                   # flow heads large enough to give fields of a few voxels
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if "head.weight" in name:
                 p.normal_(0.0, 0.005)
     moving, fixed = _pair((37, 45, 41), seed=3)
     with torch.enable_grad():
         plain = model(moving, fixed)
+    return model, moving, fixed, plain
+
+
+@pytest.mark.parametrize("chunk", [2 ** 17, 50])
+def test_inference_path_matches_the_autograd_path(chunk, monkeypatch):
+    """inference_mode runs the encoder per image, norms in place, convolutions without
+    concatenations and attention in chunks: same field (|du| < 1e-4)."""
+    monkeypatch.setattr(PoLaCA, "inference_chunk_tokens", chunk)
+    model, moving, fixed, plain = _model_pair_and_plain_field()
     with torch.inference_mode():
         fast = model(moving, fixed)
     assert plain.abs().max().item() > 1.0
     assert (fast - plain).abs().max().item() < 1e-4
+
+
+def test_compiled_network_matches_the_plain_path(tmp_path, monkeypatch):
+    """torch.compile (engine.runtime.compile_model) traces the inference path as one graph,
+    convolutions kept as oneDNN calls, and gives the autograd path's field (|du| < 1e-4)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    model, moving, fixed, plain = _model_pair_and_plain_field()
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        explanation = torch._dynamo.explain(model)(moving, fixed)
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    keys = set(model.state_dict())
+    compile_model(model)
+    with torch.inference_mode():
+        compiled = model(moving, fixed)
+        with torch.profiler.profile() as prof:
+            again = model(moving, fixed)
+    torch._dynamo.reset()
+    ops = {e.key for e in prof.key_averages()}
+    assert "plcreg::onednn_conv3d" in ops and "aten::slow_conv3d_forward" not in ops
+    assert set(model.state_dict()) == keys                  # checkpoints unchanged by compiling
+    assert plain.abs().max().item() > 1.0
+    assert (compiled - plain).abs().max().item() < 1e-4
+    assert torch.equal(compiled, again)
