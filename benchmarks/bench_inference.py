@@ -13,6 +13,11 @@ the meta device (shapes only).
 
 With ``--compile`` each size is measured twice, eager and compiled (``torch.compile``,
 fixed shapes); the first compiled call (compilation included) is reported apart.
+With ``--plain-path`` each size is also measured on the network's plain path, the one
+training takes: both images encoded as one batch, concatenated inputs, out-of-place
+InstanceNorm+ReLU, attention over the whole volume at once; run with gradients enabled
+but no parameter requiring one, so no graph is recorded. Same weights, same field: the
+ratio to the default (optimised) row is the gain of the inference path, in one run.
 """
 from __future__ import annotations
 
@@ -66,8 +71,12 @@ def measure(args) -> dict:
         compile_model(model)
         t0 = time.perf_counter()
 
+    if args.plain:
+        model.requires_grad_(False)
+
     def run():
-        with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+        mode = torch.enable_grad() if args.plain else torch.inference_mode()
+        with mode, torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             u = model(moving, fixed)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -99,7 +108,8 @@ def measure(args) -> dict:
     else:
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"size": "x".join(map(str, size)), "device": device.type, "threads": args.threads,
-            "amp": (str(amp_dtype).replace("torch.", "") if amp else "fp32") + (", compiled" if args.compiled else ""),
+            "amp": (str(amp_dtype).replace("torch.", "") if amp else "fp32") + (", compiled" if args.compiled else "")
+            + (", plain path" if args.plain else ""),
             "first_call_s": first_call, "params_M": params / 1e6,
             "gmacs": gmacs, "median_s": statistics.median(times), "min_s": min(times), "peak_mib": peak_mib,
             "runs": args.runs}
@@ -126,6 +136,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--amp", action="store_true", help="also measure autocast (CUDA only)")
     p.add_argument("--compile", action="store_true", help="also measure the network under torch.compile")
+    p.add_argument("--plain-path", action="store_true", help="also measure the plain (training) path without autograd")
     p.add_argument("--no-flops", dest="flops", action="store_false")
     p.add_argument("--plain-heap", action="store_true", help="leave glibc's malloc settings alone")
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
@@ -133,20 +144,22 @@ def main(argv=None):
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
     p.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.child:
         print(json.dumps(measure(args)))
         return
     rows = []
-    variants = [(amp, compiled) for compiled in ([False, True] if args.compile else [False])
+    variants = [(amp, compiled, False) for compiled in ([False, True] if args.compile else [False])
                 for amp in ([False, True] if args.amp and args.device == "cuda" else [False])]
+    variants += [(False, False, True)] if args.plain_path else []
     for size in args.sizes:
-        for amp, compiled in variants:
+        for amp, compiled, plain in variants:
             child = ["--size", size, "--device", args.device, "--threads", str(args.threads), "--runs", str(args.runs),
                      "--warmup", str(args.warmup), "--window", *map(str, args.window), "--widths", *map(str, args.widths)]
             child += (["--amp"] if amp else []) + ([] if args.flops else ["--no-flops"]) \
-                + (["--plain-heap"] if args.plain_heap else []) + (["--compiled"] if compiled else [])
+                + (["--plain-heap"] if args.plain_heap else []) + (["--compiled"] if compiled else []) + (["--plain"] if plain else [])
             rows.append(measure_in_child(__file__, child, size))
             print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     table = format_table(rows)

@@ -1,0 +1,31 @@
+"""The benchmark scripts run end to end on a tiny volume and print one table row per variant
+(their figures are measured by hand, never asserted)."""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _rows(script, *args):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                         text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr
+    table = out.stdout.strip().split("\n\n")[-1].splitlines()
+    return [[c.strip() for c in line.strip("|").split("|")] for line in table[2:] if line.startswith("|")]
+
+
+def test_bench_inference_rows_for_the_optimised_and_the_plain_path():
+    rows = _rows("bench_inference.py", "--sizes", "32x32x32", "--runs", "1", "--warmup", "0",
+                 "--widths", "8", "16", "16", "32", "32", "--window", "2", "2", "2", "--plain-path")
+    assert [r[3] for r in rows] == ["fp32", "fp32, plain path"]
+    for r in rows:
+        assert r[0] == "32x32x32" and r[1] == "cpu" and float(r[6]) > 0 and float(r[8]) > 0
+        assert float(r[5]) > 0                                  # GMACs from torch's flop counter
+
+
+def test_bench_train_rows_for_each_variant():
+    rows = _rows("bench_train.py", "--sizes", "32x32x32", "--networks", "light", "--variants", "fp32", "ckpt",
+                 "--runs", "1", "--warmup", "0", "--window", "2", "2", "2")
+    assert [(r[1], r[2]) for r in rows] == [("light", "fp32"), ("light", "ckpt")]
+    assert all(float(r[6]) > 0 and float(r[8]) > 0 for r in rows)
