@@ -144,6 +144,7 @@ class Trainer:
         self.epoch, self.best, self.top, self.step = 0, -math.inf, [], 0
         self.position, self.partial = 0, {}          # inside an epoch interrupted by a signal
         self.bad_steps, self.skipped = 0, 0
+        self.resolutions: set[str] = set()     # resolutions of the current epoch's steps
         self.started = time.time()
         self._signal: int | None = None
         if resume:
@@ -235,7 +236,9 @@ class Trainer:
     def train_step(self, pairs) -> dict | None:
         """One optimiser step on a list of pairs (a batch); None when a non-finite loss skipped it."""
         t = self._batch(pairs)
-        if self.half_resolution():
+        half = self.half_resolution()
+        self.resolutions.add("half" if half else "full")
+        if half:
             t = half_resolution_batch(t)
         loss, terms = self.loss_of(t)
         tc = self.run.train
@@ -288,7 +291,7 @@ class Trainer:
         sums = defaultdict(float, partial.get("sums", {}))
         steps, done_before = int(partial.get("steps", 0)), float(partial.get("seconds", 0.0))
         skipped_before, t0 = self.skipped, time.time()
-        resolution = "half" if self.half_resolution() else "full"
+        self.resolutions = set()              # of this epoch's steps; both when the phase ends inside it
         bar = tqdm(order[start:], desc=f"epoch {self.epoch + 1}/{tc.epochs}", leave=False,
                    disable=not self.ctx.is_main or (None if self.progress is None else not self.progress))
         upcoming = order[start:]
@@ -320,7 +323,8 @@ class Trainer:
                "reg": means.get("reg", 0), "dice_loss": means.get("dice", 0), "val_dice": val,
                "skipped": self.skipped - skipped_before, "seconds": round(seconds, 3),
                "elapsed": round(before + seconds, 3), "lr": self.optimizer.param_groups[0]["lr"],
-               "resolution": resolution}
+               "resolution": "+".join(r for r in ("half", "full") if r in self.resolutions)
+               or ("half" if self.half_resolution() else "full")}
         if self.ctx.is_main:
             self.log.append(row)
             _write_log(self.dir / "train_log.csv", self.log)

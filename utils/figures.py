@@ -162,6 +162,18 @@ def pvalue_heatmap(pvalues: np.ndarray, methods, metrics, path, title: str = "")
     return _save(fig, path)
 
 
+def resolution_switch(rows: list[dict], xs: list[float]) -> tuple[float, float] | None:
+    """Where a run's half-resolution phase ends on the x axis ``xs`` (each row's x is the end
+    of its epoch): (x0, x1) between which it ended, x0 = x1 when an epoch ended with it, or
+    None without a switch (or in logs without the ``resolution`` column)."""
+    for prev, row, x0, x1 in zip(rows, rows[1:], xs, xs[1:]):
+        if prev.get("resolution") == "half" and row.get("resolution") == "full":
+            return x0, x0
+        if prev.get("resolution") == "half" and row.get("resolution") == "half+full":
+            return x0, x1
+    return None
+
+
 def training_curves(log_csv, path, title: str = "") -> Path:
     """Training loss and validation Dice against training wall time (per epoch in older logs),
     from a train_log.csv."""
@@ -181,6 +193,16 @@ def training_curves(log_csv, path, title: str = "") -> Path:
     b.plot(epochs, [float(r["val_dice"]) for r in rows], marker="o", color="tab:green")
     b.set_xlabel(xlabel)
     b.set_ylabel("validation Dice")
+    switch = resolution_switch(rows, epochs)
+    if switch is not None:
+        # the loss changes scale here: the same NCC window covers twice the anatomy at half resolution
+        for ax in (a, b):
+            if switch[0] == switch[1]:
+                ax.axvline(switch[0], color="grey", linestyle="--", linewidth=1)
+            else:
+                ax.axvspan(*switch, color="grey", alpha=0.15, linewidth=0)
+        a.annotate("full resolution from here", (switch[0], 1.0), xycoords=("data", "axes fraction"),
+                   xytext=(3, -12), textcoords="offset points", fontsize=8, color="grey")
     if title:
         fig.suptitle(title)
     return _save(fig, path)

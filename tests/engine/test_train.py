@@ -154,3 +154,42 @@ def test_signal_mid_epoch_writes_a_checkpoint_that_resumes_exactly(oasis_root, t
     assert resumed.log[-1]["loss"] == pytest.approx(full.log[-1]["loss"], rel=1e-6)
     assert resumed.log[-1]["steps"] == full.log[-1]["steps"]
 
+
+
+def test_half_resolution_batch_matches_block_means_in_numpy():
+    import numpy as np
+    from engine.train import half_resolution_batch
+    rng = np.random.default_rng(0)
+    img = rng.random((5, 6, 7))
+    lab = rng.integers(0, 4, (5, 6, 7))
+    t = {"moving": torch.from_numpy(img)[None, None].float(), "fixed_label": torch.from_numpy(lab)[None, None]}
+    out = half_resolution_batch(t)
+    ref = np.zeros((3, 3, 4))
+    for i, j, k in np.ndindex(ref.shape):              # odd sizes: the last block holds what is left
+        ref[i, j, k] = img[2 * i:2 * i + 2, 2 * j:2 * j + 2, 2 * k:2 * k + 2].mean()
+    assert set(out) == {"moving", "fixed_label"}
+    assert np.allclose(out["moving"][0, 0].numpy(), ref, atol=1e-6)
+    assert np.array_equal(out["fixed_label"][0, 0].numpy(), lab[::2, ::2, ::2])
+
+
+def test_half_resolution_phase_trains_on_half_size_and_is_logged(oasis_root, tmp_path, monkeypatch):
+    seen = []
+    original = Trainer.loss_of
+
+    def recording(self, t):
+        seen.append((self.epoch, tuple(t["moving"].shape[2:])))
+        return original(self, t)
+
+    monkeypatch.setattr(Trainer, "loss_of", recording)
+    trainer = Trainer(_run(oasis_root, tmp_path / "epochs", 2, **{"train.half_res_fraction": 0.5}), progress=False)
+    trainer.fit()
+    full = tuple(trainer.cache.pair_tensors(trainer.items[0][0], "cpu")["moving"].shape[2:])
+    half = tuple(-(-n // 2) for n in full)
+    assert {s for e, s in seen if e == 0} == {half} and {s for e, s in seen if e == 1} == {full}
+    assert [r["resolution"] for r in trainer.log] == ["half", "full"]
+    # a time budget can end the phase inside an epoch: that epoch is logged as both
+    calls = iter(range(100))
+    monkeypatch.setattr(Trainer, "half_resolution", lambda self: next(calls) < 1)
+    mixed = Trainer(_run(oasis_root, tmp_path / "mixed", 1), progress=False)
+    mixed.fit()
+    assert mixed.log[0]["resolution"] == "half+full"

@@ -27,8 +27,18 @@ def test_all_figures(tmp_path):
     rng = np.random.default_rng(0)
     _check_png(figures.dice_boxplot(rng.random((5, 4)), rng.random((5, 4)), [1, 2, 3, 4], tmp_path / "box.png"))
     with open(tmp_path / "log.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, ["epoch", "loss", "sim", "reg", "dice_loss", "val_dice"])
+        w = csv.DictWriter(fh, ["epoch", "loss", "sim", "reg", "dice_loss", "val_dice", "elapsed", "resolution"])
         w.writeheader()
         for e in range(1, 4):
-            w.writerow({"epoch": e, "loss": -e / 10, "sim": -e / 9, "reg": 0.01, "dice_loss": 0, "val_dice": 0.5 + e / 20})
+            w.writerow({"epoch": e, "loss": -e / 10, "sim": -e / 9, "reg": 0.01, "dice_loss": 0, "val_dice": 0.5 + e / 20,
+                        "elapsed": 30 * e, "resolution": "half" if e == 1 else "full"})
     _check_png(figures.training_curves(tmp_path / "log.csv", tmp_path / "curves.png"))
+
+
+def test_resolution_switch_sits_where_the_half_resolution_phase_ended():
+    rows = [{"resolution": r} for r in ("half", "half", "full", "full")]
+    assert figures.resolution_switch(rows, [1.0, 2.0, 4.0, 5.0]) == (2.0, 2.0)    # at the end of epoch 2
+    rows[2]["resolution"] = "half+full"                                             # inside epoch 3
+    assert figures.resolution_switch(rows, [1.0, 2.0, 4.0, 5.0]) == (2.0, 4.0)
+    assert figures.resolution_switch([{"resolution": "full"}] * 3, [1.0, 2.0, 3.0]) is None
+    assert figures.resolution_switch([{"epoch": 1}, {"epoch": 2}], [1.0, 2.0]) is None    # logs without the column
