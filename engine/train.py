@@ -237,6 +237,8 @@ class Trainer:
         """One optimiser step on a list of pairs (a batch); None when a non-finite loss skipped it."""
         t = self._batch(pairs)
         half = self.half_resolution()
+        if self.run.train.max_minutes > 0 and self.run.train.half_res_fraction > 0:
+            half = ddp.main_rank_decides(half, self.ctx, self.device)      # a wall-time phase: rank 0's clock
         self.resolutions.add("half" if half else "full")
         if half:
             t = half_resolution_batch(t)

@@ -41,7 +41,9 @@ def test_torchrun_two_processes_train_in_sync(tmp_path):
     res = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
          str(ROOT / "Train_OASIS.py"), "--data-root", str(data), "--epochs", "1", "--checkpoint-dir", str(ck),
-         "--device", "cpu", "--no-progress", *sets, "--set", "data.val_subjects=2"],
+         "--device", "cpu", "--no-progress", *sets, "--set", "data.val_subjects=2",
+         # a wall-time half-resolution phase: every rank follows rank 0's clock
+         "--set", "train.max_minutes=30", "--set", "train.half_res_fraction=0.5"],
         capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "weights identical on 2 ranks" in res.stdout
@@ -51,7 +53,7 @@ def test_torchrun_two_processes_train_in_sync(tmp_path):
     with open(ck / "train_log.csv") as fh:
         rows = list(csv.DictReader(fh))
     # 4 training subjects, 2 directions each = 8 steps, split over 2 ranks
-    assert len(rows) == 1 and int(rows[0]["steps"]) == 4
+    assert len(rows) == 1 and int(rows[0]["steps"]) == 4 and rows[0]["resolution"] == "half"
     assert read_checkpoint(ck / "last.pth")["world_size"] == 2
     out = tmp_path / "out"
     inf = subprocess.run([sys.executable, str(ROOT / "Infer_OASIS.py"), "--data-root", str(data), "--checkpoint",
