@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from utils.config import ModelConfig
 from utils.spatial import SpatialTransformer, compose, integrate_velocity, resize_displacement
 
-from .blocks import DoubleConv, FlowHead, UpConv
+from .blocks import DoubleConv, FlowHead, UpConv, avg_pool2_channels_last, channels_last
 from .polaca import PoLaCA
 
 N_LEVELS = 5
@@ -54,10 +54,16 @@ class Encoder(nn.Module):
         self.levels = nn.ModuleList(DoubleConv(chans[i], chans[i + 1]) for i in range(len(widths)))
         self.pool = nn.AvgPool3d(2)
 
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        if (not torch.is_grad_enabled() and x.is_contiguous(memory_format=torch.channels_last_3d)
+                and not x.is_contiguous() and all(n % 2 == 0 for n in x.shape[2:])):
+            return avg_pool2_channels_last(x)
+        return self.pool(x)
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = []
         for i, level in enumerate(self.levels):
-            x = level(x if i == 0 else self.pool(x))
+            x = level(x if i == 0 else self._pool(x))
             feats.append(x)
         return feats
 
@@ -182,7 +188,10 @@ class PLCReg(nn.Module):
             mov = [f[:b] for f in feats]
             fix = [f[b:] for f in feats]
         else:
-            # inference: one image at a time halves the peak of the full-resolution level
+            # inference: one image at a time halves the peak of the full-resolution level;
+            # on the CPU in channels-last layout, which every later feature map inherits
+            if moving.device.type == "cpu":
+                moving, fixed = channels_last(moving), channels_last(fixed)
             mov, fix = self.encoder(moving), self.encoder(fixed)
 
         phi, context, fields = None, None, []
@@ -199,5 +208,5 @@ class PLCReg(nn.Module):
         flow = phi
         if self.config.diffeomorphic:
             flow = integrate_velocity(flow, self.config.int_steps)
-        flow = flow[:, :, :size[0], :size[1], :size[2]]
+        flow = flow[:, :, :size[0], :size[1], :size[2]].contiguous()
         return (flow, fields) if return_levels else flow

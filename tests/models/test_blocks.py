@@ -2,7 +2,10 @@
 import torch
 import torch.nn.functional as F
 
-from models.blocks import Conv3d, ConvNormAct, FlowHead, instance_norm_relu_, onednn_conv3d
+import pytest
+
+from models.blocks import (Conv3d, ConvNormAct, FlowHead, avg_pool2_channels_last, channels_last, instance_norm_relu_,
+                           onednn_conv3d)
 
 
 def test_conv3d_matches_native_kernel_forward_and_backward():
@@ -28,11 +31,38 @@ def test_flow_head_starts_near_zero():
     assert head(torch.rand(1, 16, 8, 8, 8)).abs().max().item() < 1e-2
 
 
-def test_in_place_instance_norm_relu_matches_torch_in_float64():
-    x = torch.randn(2, 3, 5, 6, 7, dtype=torch.float64) * 3 + 1
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6, 7), (1, 4, 20, 16, 16), (1, 2, 17, 16, 16)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_in_place_instance_norm_relu_matches_torch_in_float64(shape, layout):
+    # (1, 4, 20, 16, 16) is 5120 voxels: one block of partial sums and a remainder; 17x16x16 is 4352
+    x = torch.randn(*shape, dtype=torch.float64) * 3 + 1
     ref = torch.relu(torch.nn.functional.instance_norm(x, eps=1e-5))
-    out = instance_norm_relu_(x.clone())
+    y = {"contiguous": x.clone(), "channels_last": x.clone(memory_format=torch.channels_last_3d),
+         "strided": x.transpose(2, 4).clone().transpose(2, 4)}[layout]
+    strides = y.stride()
+    out = instance_norm_relu_(y)
+    assert out is y and out.stride() == strides                # in place, layout kept
     assert torch.allclose(out, ref, atol=1e-12)
+
+
+def test_channels_last_pooling_matches_avg_pool3d_in_float64():
+    x = torch.randn(2, 5, 6, 8, 4, dtype=torch.float64)
+    out = avg_pool2_channels_last(channels_last(x))
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.allclose(out, F.avg_pool3d(x, 2), atol=1e-14)
+
+
+def test_conv3d_inference_runs_channels_last_with_the_same_values():
+    torch.manual_seed(0)
+    conv = Conv3d(1, 6, 3, padding=1)
+    x = torch.randn(1, 1, 9, 10, 11)
+    ref = F.conv3d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    with torch.inference_mode():
+        y = conv(x)                                           # one channel: both layouts
+        z = Conv3d(6, 4, 3, padding=1)(y.contiguous())        # a contiguous input is converted
+    assert y.is_contiguous(memory_format=torch.channels_last_3d) and not y.is_contiguous()
+    assert z.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.allclose(y.double(), ref, atol=1e-5)
 
 
 def test_conv_norm_act_inference_path_equals_autograd_path():
@@ -62,8 +92,8 @@ def test_onednn_operator_matches_conv3d_in_float64_forward_and_backward():
     w = torch.randn(4, 3, 3, 3, 3, requires_grad=True)           # groups 2
     b = torch.randn(4, requires_grad=True)
     y = onednn_conv3d(x.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3), w, b,
-                      [1, 0, 1], [1, 2, 1], [1, 1, 2], 2)          # a channels-last input comes back contiguous
-    assert y.is_contiguous()
+                      [1, 0, 1], [1, 2, 1], [1, 1, 2], 2)          # answered channels-last, as its fake kernel says
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
     x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
     ref = F.conv3d(x64, w64, b64, stride=(1, 2, 1), padding=(1, 0, 1), dilation=(1, 1, 2), groups=2)
     assert y.shape == ref.shape and torch.allclose(y.double(), ref, atol=1e-4)
