@@ -75,7 +75,8 @@ class Conv3d(nn.Conv3d):
     PyTorch picks its native ``slow_conv3d`` kernel for single-sample volumes with
     batch * channels * D * H <= 20480 (a heuristic made for 2D), about 10x slower on
     the small volumes of quick runs and on the coarse levels. Same weights, same result.
-    Under ``torch.compile`` the call goes through the :func:`onednn_conv3d` operator.
+    Without autograd it takes and returns channels-last (see :func:`channels_last`). Under
+    ``torch.compile`` the call goes through the :func:`onednn_conv3d` operator.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
