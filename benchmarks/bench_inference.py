@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import append_results, measure_in_child  # noqa: E402
+from benchmarks.common import append_results, measure_in_child, time_and_peak  # noqa: E402
 
 DATASET_SIZES = {"OASIS": (160, 224, 192), "LPBA40": (160, 192, 160), "IXI": (160, 192, 224)}
 
@@ -65,11 +63,9 @@ def measure(args) -> dict:
     fixed = torch.rand(1, 1, *size, generator=g).to(device)
     amp = args.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
-    first_call = float("nan")
     if args.compiled:
         from engine.runtime import compile_model
         compile_model(model)
-        t0 = time.perf_counter()
 
     if args.plain:
         model.requires_grad_(False)
@@ -82,17 +78,7 @@ def measure(args) -> dict:
             torch.cuda.synchronize()
         return u
 
-    for i in range(args.warmup):
-        run()
-        if i == 0 and args.compiled:
-            first_call = time.perf_counter() - t0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.runs):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
+    m = time_and_peak(run, args.warmup, args.runs, device)
     gmacs = float("nan")
     if args.flops:
         # counted on the meta device: shapes only, no memory, and every conv goes through
@@ -103,15 +89,12 @@ def measure(args) -> dict:
         with torch.inference_mode(), counter:
             meta_model(meta_input, meta_input)
         gmacs = counter.get_total_flops() / 2e9
-    if device.type == "cuda":
-        peak_mib = torch.cuda.max_memory_allocated() / 2 ** 20
-    else:
-        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"size": "x".join(map(str, size)), "device": device.type, "threads": args.threads,
             "amp": (str(amp_dtype).replace("torch.", "") if amp else "fp32") + (", compiled" if args.compiled else "")
             + (", plain path" if args.plain else ""),
-            "first_call_s": first_call, "params_M": params / 1e6,
-            "gmacs": gmacs, "median_s": statistics.median(times), "min_s": min(times), "peak_mib": peak_mib,
+            "first_call_s": m["first_s"] if args.compiled else float("nan"), "params_M": params / 1e6,
+            "gmacs": gmacs, "median_s": statistics.median(m["times"]), "min_s": min(m["times"]),
+            "peak_mib": m["peak_mib"],
             "runs": args.runs}
 
 

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import append_results, measure_in_child  # noqa: E402
+from benchmarks.common import append_results, measure_in_child, time_and_peak  # noqa: E402
 
 NETWORKS = {"default": {}, "light": {"widths": (8, 16, 32, 64, 128)}}
 
@@ -58,20 +56,10 @@ def measure(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(args.warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.runs):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" \
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    m = time_and_peak(step, args.warmup, args.runs, device)
     return {"size": args.size, "network": args.network, "variant": args.variant, "device": device.type,
             "threads": args.threads, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-            "median_s": statistics.median(times), "min_s": min(times), "peak_mib": peak}
+            "median_s": statistics.median(m["times"]), "min_s": min(m["times"]), "peak_mib": m["peak_mib"]}
 
 
 def format_table(rows: list[dict]) -> str:

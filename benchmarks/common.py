@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: the machine line and appending a table to RESULTS.md."""
+"""Shared by the benchmark scripts: the timing loop, the machine line, appending a table to
+RESULTS.md, and running one measurement in a child process."""
 from __future__ import annotations
 
 import os
@@ -39,3 +40,30 @@ def measure_in_child(script: str, child_args: list[str], what: str) -> dict:
     if out.returncode != 0:
         sys.exit(f"measurement of {what} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def time_and_peak(fn, warmup: int, runs: int, device) -> dict:
+    """Call ``fn`` ``warmup`` times, then ``runs`` timed times (``fn`` synchronises CUDA itself).
+
+    Returns {"times": [s, ...], "first_s": seconds of the first warm-up call (NaN without
+    one; with torch.compile it includes compiling), "peak_mib": CUDA max allocated over the
+    timed runs, or the process's peak RSS on the CPU}.
+    """
+    import resource
+    import torch
+    first = float("nan")
+    for i in range(warmup):
+        t0 = time.perf_counter()
+        fn()
+        if i == 0:
+            first = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" \
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"times": times, "first_s": first, "peak_mib": peak}
