@@ -223,8 +223,9 @@ class Trainer:
         tc = self.run.train
         if tc.half_res_fraction <= 0:
             return False
-        if tc.max_minutes > 0:
-            return time.time() - self.started < 60.0 * tc.max_minutes * tc.half_res_fraction
+        if tc.max_minutes > 0:          # a wall-time phase: every rank follows rank 0's clock (a collective)
+            return ddp.main_rank_decides(time.time() - self.started < 60.0 * tc.max_minutes * tc.half_res_fraction,
+                                         self.ctx, self.device)
         return self.epoch < tc.epochs * tc.half_res_fraction
 
     def loss_of(self, t: dict):
@@ -237,8 +238,6 @@ class Trainer:
         """One optimiser step on a list of pairs (a batch); None when a non-finite loss skipped it."""
         t = self._batch(pairs)
         half = self.half_resolution()
-        if self.run.train.max_minutes > 0 and self.run.train.half_res_fraction > 0:
-            half = ddp.main_rank_decides(half, self.ctx, self.device)      # a wall-time phase: rank 0's clock
         self.resolutions.add("half" if half else "full")
         if half:
             t = half_resolution_batch(t)

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from utils.config import ModelConfig
 from utils.spatial import SpatialTransformer, compose, integrate_velocity, resize_displacement
 
-from .blocks import DoubleConv, FlowHead, UpConv, avg_pool2_channels_last, channels_last
+from .blocks import DoubleConv, FlowHead, UpConv, avg_pool2_channels_last
 from .polaca import PoLaCA
 
 N_LEVELS = 5
@@ -188,10 +188,8 @@ class PLCReg(nn.Module):
             mov = [f[:b] for f in feats]
             fix = [f[b:] for f in feats]
         else:
-            # inference: one image at a time halves the peak of the full-resolution level;
-            # on the CPU in channels-last layout, which every later feature map inherits
-            if moving.device.type == "cpu":
-                moving, fixed = channels_last(moving), channels_last(fixed)
+            # inference: one image at a time halves the peak of the full-resolution level
+            # (on the CPU the convolutions run it in channels-last layout: blocks.Conv3d)
             mov, fix = self.encoder(moving), self.encoder(fixed)
 
         phi, context, fields = None, None, []
