@@ -81,6 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of a previous comparison")
     args = p.parse_args(argv)
     try:
         specs = [parse_method(m) for m in args.methods]
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
             title = run.data.name
         out = Path(args.output_dir or f"Results/Compare_{'pairs' if args.pairs else args.dataset}")
         result = compare(items, specs, run, out, reference=args.reference, device=device, labels=labels,
-                         title=title, progress=False if args.no_progress else None)
+                         title=title, progress=False if args.no_progress else None, overwrite=args.overwrite)
     except (DataError, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

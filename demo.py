@@ -22,6 +22,7 @@ from engine.infer import infer
 from engine.train import Trainer
 from utils.config import VOXELMORPH_WIDTHS, ModelConfig, RunConfig, preset
 from utils.demo_data import DemoSettings, write_demo_dataset
+from utils.io import DataError
 
 ROOT = Path(__file__).resolve().parent
 
@@ -63,6 +64,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace the results and checkpoints of a previous demo run")
     args = p.parse_args(argv)
     suffix = "_quick" if args.quick else ""
     args.data_dir = args.data_dir or ROOT / "data" / f"demo_dataset{suffix}"
@@ -80,16 +82,21 @@ def main(argv=None) -> int:
     run = demo_run(args)
     print(f"training {run.model.arch} (widths {run.model.widths}) for {args.minutes:g} min on {run.device}")
     progress = False if args.no_progress else None
-    trainer = Trainer(run, progress=progress)
+    try:
+        trainer = Trainer(run, progress=progress, overwrite=args.overwrite)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     trainer.fit()
     result = infer(run, None, model=trainer.model, index=trainer.index, progress=progress, figures=True,
-                   train_log=trainer.dir / "train_log.csv")
+                   train_log=trainer.dir / "train_log.csv", overwrite=args.overwrite)
     print()
     print(result["table"])
     if args.io_steps:
         run.eval.io_steps = args.io_steps
         run.output_dir = str(args.out_dir / "with_io")
-        with_io = infer(run, None, model=trainer.model, index=trainer.index, progress=progress)
+        with_io = infer(run, None, model=trainer.model, index=trainer.index, progress=progress,
+                        overwrite=args.overwrite)
         print()
         print(with_io["table"])
     paths = result["paths"]["figures"]

@@ -28,6 +28,7 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of a previous run in --out-dir")
     add_io_arguments(p)
     args = p.parse_args(argv)
     if bool(args.pairs) == bool(args.moving or args.fixed):
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
         pairs = read_pairs_csv(args.pairs) if args.pairs else \
             [PairFiles(args.moving, args.fixed, args.moving_label, args.fixed_label)]
         result = register_files(pairs, args.checkpoint, args.out_dir, io_settings=io, device=args.device,
-                                progress=False if args.no_progress else None)
+                                progress=False if args.no_progress else None, overwrite=args.overwrite)
     except (DataError, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -18,6 +18,8 @@ training takes: both images encoded as one batch, concatenated inputs, out-of-pl
 InstanceNorm+ReLU, attention over the whole volume at once; run with gradients enabled
 but no parameter requiring one, so no graph is recorded. Same weights, same field: the
 ratio to the default (optimised) row is the gain of the inference path, in one run.
+With ``--released-compat`` each size is also measured with ``model.released_compat`` on (the
+released code's function, for its converted weights), beside the default network.
 """
 from __future__ import annotations
 
@@ -55,7 +57,8 @@ def measure(args) -> dict:
     device = torch.device(args.device)
     if not args.plain_heap:
         limit_heap_retention()            # as Infer_*.py and register.py do
-    model = build_model(ModelConfig(window_size=tuple(args.window), widths=tuple(args.widths))).to(device).eval()
+    config = ModelConfig(window_size=tuple(args.window), widths=tuple(args.widths), released_compat=args.compat)
+    model = build_model(config).to(device).eval()
     params = sum(p.numel() for p in model.parameters())
     size = parse_size(args.size)
     g = torch.Generator().manual_seed(0)
@@ -83,7 +86,7 @@ def measure(args) -> dict:
     if args.flops:
         # counted on the meta device: shapes only, no memory, and every conv goes through
         # the op the counter sees (the CPU path calls oneDNN directly)
-        meta_model = build_model(ModelConfig(window_size=tuple(args.window), widths=tuple(args.widths))).to("meta").eval()
+        meta_model = build_model(config).to("meta").eval()
         meta_input = torch.empty(1, 1, *size, device="meta")
         counter = FlopCounterMode(display=False)
         with torch.inference_mode(), counter:
@@ -91,7 +94,7 @@ def measure(args) -> dict:
         gmacs = counter.get_total_flops() / 2e9
     return {"size": "x".join(map(str, size)), "device": device.type, "threads": args.threads,
             "amp": (str(amp_dtype).replace("torch.", "") if amp else "fp32") + (", compiled" if args.compiled else "")
-            + (", plain path" if args.plain else ""),
+            + (", plain path" if args.plain else "") + (", released-compatible" if args.compat else ""),
             "first_call_s": m["first_s"] if args.compiled else float("nan"), "params_M": params / 1e6,
             "gmacs": gmacs, "median_s": statistics.median(m["times"]), "min_s": min(m["times"]),
             "peak_mib": m["peak_mib"],
@@ -120,6 +123,8 @@ def main(argv=None):
     p.add_argument("--amp", action="store_true", help="also measure autocast (CUDA only)")
     p.add_argument("--compile", action="store_true", help="also measure the network under torch.compile")
     p.add_argument("--plain-path", action="store_true", help="also measure the plain (training) path without autograd")
+    p.add_argument("--released-compat", action="store_true",
+                   help="also measure the released-compatible network (model.released_compat)")
     p.add_argument("--no-flops", dest="flops", action="store_false")
     p.add_argument("--plain-heap", action="store_true", help="leave glibc's malloc settings alone")
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
@@ -128,21 +133,24 @@ def main(argv=None):
     p.add_argument("--size", help=argparse.SUPPRESS)
     p.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--compat", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.child:
         print(json.dumps(measure(args)))
         return
     rows = []
-    variants = [(amp, compiled, False) for compiled in ([False, True] if args.compile else [False])
+    variants = [(amp, compiled, False, False) for compiled in ([False, True] if args.compile else [False])
                 for amp in ([False, True] if args.amp and args.device == "cuda" else [False])]
-    variants += [(False, False, True)] if args.plain_path else []
+    variants += [(False, False, True, False)] if args.plain_path else []
+    variants += [(False, False, False, True)] if args.released_compat else []
     for size in args.sizes:
-        for amp, compiled, plain in variants:
+        for amp, compiled, plain, compat in variants:
             child = ["--size", size, "--device", args.device, "--threads", str(args.threads), "--runs", str(args.runs),
                      "--warmup", str(args.warmup), "--window", *map(str, args.window), "--widths", *map(str, args.widths)]
             child += (["--amp"] if amp else []) + ([] if args.flops else ["--no-flops"]) \
-                + (["--plain-heap"] if args.plain_heap else []) + (["--compiled"] if compiled else []) + (["--plain"] if plain else [])
+                + (["--plain-heap"] if args.plain_heap else []) + (["--compiled"] if compiled else []) + (["--plain"] if plain else []) \
+                + (["--compat"] if compat else [])
             rows.append(measure_in_child(__file__, child, size))
             print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     table = format_table(rows)

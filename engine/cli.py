@@ -15,6 +15,8 @@ from utils.config import VOXELMORPH_WIDTHS, ModelConfig, RunConfig, apply_overri
 from utils.io import DataError
 
 EXIT_BAD_INPUT = 2
+# --freeze choice -> ModelConfig fields switched on
+FREEZE_CHOICES = {"none": (), "encoder": ("freeze_encoder",), "released": ("freeze_encoder", "freeze_upsampling")}
 EXIT_DIVERGED = 3
 
 
@@ -26,6 +28,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any config value, e.g. train.lr=1e-4 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results (or checkpoints) of a previous run in the output folder")
 
 
 def train_parser(dataset: str) -> argparse.ArgumentParser:
@@ -36,7 +40,11 @@ def train_parser(dataset: str) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", help=f"default Checkpoint/{dataset}")
     p.add_argument("--resume", action="store_true", help="continue from <checkpoint-dir>/last.pth")
     p.add_argument("--init-from", help="start from another run's checkpoint (multi-task fine-tuning)")
-    p.add_argument("--freeze-encoder", action="store_true", help="train only the estimator")
+    p.add_argument("--freeze", choices=sorted(FREEZE_CHOICES), default=None,
+                   help="weights kept fixed: encoder (multi-task fine-tuning: train only the estimator), or "
+                        "released (encoder and the estimator's transposed convolutions, as the released code "
+                        "fine-tunes)")
+    p.add_argument("--freeze-encoder", action="store_true", help="same as --freeze encoder")
     p.add_argument("--model", choices=["plcreg", "voxelmorph"], default="plcreg",
                    help="network to train; voxelmorph is the baseline from the optional voxelmorph package "
                         f"(default checkpoint folder Checkpoint/{dataset}_voxelmorph)")
@@ -104,8 +112,8 @@ def build_run(dataset: str, args, training: bool) -> RunConfig:
             run.train.lr = args.lr
         if args.checkpoint_dir:
             run.checkpoint_dir = args.checkpoint_dir
-        if args.freeze_encoder:
-            run.model.freeze_encoder = True
+        for field_name in FREEZE_CHOICES.get("encoder" if args.freeze_encoder else args.freeze, ()):
+            setattr(run.model, field_name, True)
         if args.amp:
             run.train.amp = True
         if args.grad_checkpointing:
@@ -124,6 +132,7 @@ def build_run(dataset: str, args, training: bool) -> RunConfig:
         if args.compile:
             run.eval.compile = True
         apply_io_arguments(run, args)
+    run.validate()
     return run
 
 
@@ -142,7 +151,7 @@ def train_main(dataset: str, argv=None) -> int:
     from .train import Trainer, TrainingDiverged, TrainingInterrupted, checkpoint_dir
     trainer = None
     try:
-        trainer = Trainer(run, resume=args.resume, init_from=args.init_from,
+        trainer = Trainer(run, resume=args.resume, overwrite=args.overwrite, init_from=args.init_from,
                           progress=False if args.no_progress else None)
         trainer.fit()
         if trainer.ctx.distributed:
@@ -177,7 +186,7 @@ def infer_main(dataset: str, argv=None) -> int:
     checkpoint = Path(args.checkpoint or f"Checkpoint/{dataset}/best.pth")
     try:
         result = infer(run, checkpoint, save_nifti=args.save_nifti, progress=False if args.no_progress else None,
-                       figures=args.figures)
+                       figures=args.figures, overwrite=args.overwrite)
     except (DataError, CheckpointError, ValueError) as exc:
         return _fail(str(exc))
     print(result["table"])

@@ -34,6 +34,7 @@ from utils import figures
 from utils.checkpoint import CheckpointError
 from utils.config import RunConfig
 from utils.io import DataError
+from utils.outputs import ResultFolder
 
 from .evaluate import csv_text, evaluate_pair, summarise, write_text
 from .infer import register_tensors
@@ -217,7 +218,7 @@ def pvalue_markdown(rows: list[dict]) -> str:
 
 def compare(items, specs: list[MethodSpec], run: RunConfig, out_dir, *, reference: str | None = None,
             device: torch.device | None = None, labels=None, title: str = "comparison",
-            progress: bool | None = None, log=print) -> dict:
+            progress: bool | None = None, log=print, overwrite: bool = False) -> dict:
     """Register every item (dicts of tensors: moving, fixed[, moving_label, fixed_label], name)
     with every method; write and return the tables.
 
@@ -225,6 +226,7 @@ def compare(items, specs: list[MethodSpec], run: RunConfig, out_dir, *, referenc
     (missing optional package or checkpoint) are skipped with a message in ``skipped``.
     """
     device = device or torch.device("cpu")
+    folder = ResultFolder.claim(out_dir, overwrite)
     out_dir = Path(out_dir)
     labels = list(labels if labels is not None else run.data.labels)
     results, skipped = {}, {}
@@ -277,6 +279,7 @@ def compare(items, specs: list[MethodSpec], run: RunConfig, out_dir, *, referenc
         {"methods": [vars(s) for s in specs], "skipped": skipped, "reference": reference, "command": command_line(),
          "versions": package_versions(), "device": str(device), "config": run.to_dict(), "table": table_rows,
          "pvalues": tests}, indent=2, default=str))
+    folder.finish(log=log)
     return {"results": results, "skipped": skipped, "table": table, "pvalues": tests,
             "pvalue_table": pvalue_markdown(tests), "paths": paths, "reference": reference}
 

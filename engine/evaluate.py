@@ -96,8 +96,12 @@ def csv_text(rows: list[dict], columns: list[str]) -> str:
 
 
 def _fmt(v):
-    if isinstance(v, float):
+    """A CSV cell: plain numbers (numpy scalars as Python numbers, never their repr)."""
+    if isinstance(v, (np.floating, float)):
+        v = float(v)
         return "nan" if math.isnan(v) else repr(v)
+    if isinstance(v, np.integer):
+        return int(v)
     return v
 
 

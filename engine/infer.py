@@ -17,6 +17,7 @@ from models import load_model
 from utils.config import RunConfig
 from utils.datasets import DatasetIndex, VolumeCache, discover
 from utils.io import DataError, save_like
+from utils.outputs import ResultFolder
 from utils.spatial import warp
 
 from utils.metrics import jacobian_stats
@@ -72,15 +73,19 @@ def register_tensors(model, run: RunConfig, moving: torch.Tensor, fixed: torch.T
     return u, info
 
 
-def infer(run: RunConfig, checkpoint, *, data_root=None, save_nifti: bool = False, progress: bool | None = None,
-          index: DatasetIndex | None = None, model=None, figures: bool = False, train_log=None) -> dict:
+def infer(run: RunConfig, checkpoint, *, save_nifti: bool = False, progress: bool | None = None,
+          index: DatasetIndex | None = None, model=None, figures: bool = False, train_log=None,
+          overwrite: bool = False) -> dict:
     """Evaluate a checkpoint (or a given model) on the data set's test pairs.
 
     Returns {"rows", "summary", "paths", "table"}; writes per_case.csv, summary.csv and
     summary.json into the run's output folder (and NIfTI outputs with ``save_nifti``, and
     ``figures/`` with ``figures``: panels, grid and Jacobian of the first pair, Dice per
-    structure, and training curves from ``train_log`` or the checkpoint's folder).
+    structure, and training curves from ``train_log`` or the checkpoint's folder). An output
+    folder that holds an earlier run's results is refused unless ``overwrite``; with it, the
+    earlier files that this run does not rewrite are removed at the end.
     """
+    folder = ResultFolder.claim(output_dir(run), overwrite)
     device = resolve_device(run.device)
     limit_heap_retention()
     if no_network(checkpoint):
@@ -93,7 +98,7 @@ def infer(run: RunConfig, checkpoint, *, data_root=None, save_nifti: bool = Fals
         model = model.to(device).eval()
         if run.eval.compile:
             compile_model(model)
-    index = index or discover(run.data, data_root, run.train.seed)
+    index = index or discover(run.data, None, run.train.seed)
     pairs = index.test_pairs()
     if run.eval.max_pairs:
         pairs = pairs[:run.eval.max_pairs]
@@ -136,6 +141,7 @@ def infer(run: RunConfig, checkpoint, *, data_root=None, save_nifti: bool = Fals
         log = train_log or (Path(checkpoint).parent / "train_log.csv" if checkpoint and not no_network(checkpoint)
                             else None)
         paths["figures"] = inference_figures(out_dir / "figures", first, rows, labels, log)
+    folder.finish(log=print)
     method = {"plcreg": "PLCReg", "voxelmorph": "VoxelMorph"}.get(model.config.arch, model.config.arch) \
         if model is not None else "no network"
     if run.eval.io_steps:

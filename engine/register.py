@@ -12,6 +12,7 @@ summary.json (metrics, notes on what was resampled or padded, the command and se
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +23,9 @@ from models import load_model
 from models.plcreg import padded_size
 from utils.config import RunConfig
 from utils.datasets import normalise, volume_tensor
-from utils.io import DataError, Volume, load_nifti, save_like
-from utils.resample import resample_to_grid, same_grid
+from utils.io import DataError, Volume, check_same_grid, load_nifti, require_file, save_like
+from utils.outputs import ResultFolder
+from utils.resample import grid_overlap, resample_to_grid, same_grid
 from utils.spatial import warp, warp_labels
 
 from .evaluate import evaluate_pair, format_summary_table, summarise, write_results
@@ -46,6 +48,17 @@ class PairFiles:
         return self.name or f"{_stem(self.moving)}_to_{_stem(self.fixed)}"
 
 
+def check_case_name(name: str, where: str) -> str:
+    """An output name that stays inside the output folder: one plain file-name part.
+
+    DataError for an empty name, a path (``/``, ``\\``), ``.``/``..``, or a name starting with a dot.
+    """
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
+        raise DataError(f"{where}: output name {name!r} is not a plain file name (no folders, no '..', no leading "
+                        f"dot); outputs are written inside --out-dir only")
+    return name
+
+
 def _stem(path: str) -> str:
     name = Path(path).name
     for ext in (".nii.gz", ".nii"):
@@ -59,26 +72,30 @@ def read_pairs_csv(path) -> list[PairFiles]:
 
     Relative paths are taken relative to the CSV's folder.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        missing = {"moving", "fixed"} - set(columns)
-        if missing:
-            raise DataError(f"{path}: missing column(s) {sorted(missing)}; expected {', '.join(PAIR_COLUMNS)}")
-        unknown = set(columns) - set(PAIR_COLUMNS)
-        if unknown:
-            raise DataError(f"{path}: unknown column(s) {sorted(unknown)}; expected {', '.join(PAIR_COLUMNS)}")
-        pairs = []
-        for line, row in enumerate(reader, start=2):
-            row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
-            if not row.get("moving") or not row.get("fixed"):
-                raise DataError(f"{path}: line {line}: moving and fixed are required")
-            resolved = {k: str(path.parent / v) if v and k != "name" and not Path(v).is_absolute() else v
-                        for k, v in row.items()}
-            pairs.append(PairFiles(**resolved))
+    path = require_file(path, "file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not a text CSV file (byte {exc.start} is not UTF-8)") from None
+    if "\0" in text:
+        raise DataError(f"{path}: not a text CSV file (it holds NUL bytes)")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    columns = [c.strip() for c in reader.fieldnames or []]
+    missing = {"moving", "fixed"} - set(columns)
+    if missing:
+        raise DataError(f"{path}: missing column(s) {sorted(missing)}; expected {', '.join(PAIR_COLUMNS)}")
+    unknown = set(columns) - set(PAIR_COLUMNS)
+    if unknown:
+        raise DataError(f"{path}: unknown column(s) {sorted(unknown)}; expected {', '.join(PAIR_COLUMNS)}")
+    pairs = []
+    for line, row in enumerate(reader, start=2):
+        row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+        if not row.get("moving") or not row.get("fixed"):
+            raise DataError(f"{path}: line {line}: moving and fixed are required")
+        resolved = {k: str(path.parent / v) if v and k != "name" and not Path(v).is_absolute() else v
+                    for k, v in row.items()}
+        pairs.append(PairFiles(**resolved))
+        check_case_name(pairs[-1].case, f"{path}: line {line}")
     if not pairs:
         raise DataError(f"{path}: no pairs")
     names = [p.case for p in pairs]
@@ -90,8 +107,13 @@ def read_pairs_csv(path) -> list[PairFiles]:
 def _onto_fixed(volume: Volume, fixed: Volume, order: int, notes: list[str], what: str) -> np.ndarray:
     if same_grid(volume.array.shape, volume.affine, fixed.array.shape, fixed.affine):
         return volume.array
+    covered = grid_overlap(volume.array.shape, volume.affine, fixed.array.shape, fixed.affine)
+    if covered == 0:
+        raise DataError(f"{volume.path}: does not overlap the fixed image {fixed.path} in world space (through the "
+                        f"two affines); check the headers or align the images first")
     notes.append(f"{what} resampled onto the fixed grid {fixed.array.shape} "
-                 f"({'nearest' if order == 0 else 'trilinear'}, through the affines)")
+                 f"({'nearest' if order == 0 else 'trilinear'}, through the affines; it covers "
+                 f"{100 * covered:.1f}% of the fixed grid)")
     return resample_to_grid(volume.array, volume.affine, fixed.array.shape, fixed.affine, order=order)
 
 
@@ -112,9 +134,7 @@ def load_pair(files: PairFiles, data_cfg) -> dict:
         out["fixed_label"] = fl.array
     if files.moving_label:
         ml = load_nifti(files.moving_label, "label")
-        if ml.array.shape != moving.array.shape:
-            raise DataError(f"{files.moving_label}: shape {ml.array.shape} differs from its image "
-                            f"{files.moving} {moving.array.shape}")
+        check_same_grid(moving, ml)
         out["moving_label"] = _onto_fixed(ml, fixed, 0, notes, "moving label")
     return out
 
@@ -131,8 +151,12 @@ def run_config_of(ckpt: dict | None) -> RunConfig:
 
 def register_files(pairs: list[PairFiles], checkpoint, out_dir, *, run: RunConfig | None = None,
                    io_settings: dict | None = None, device: str = "auto", progress: bool | None = None,
-                   log=print) -> dict:
-    """Register every pair and write its outputs; returns {"rows", "summary", "paths", "table"}."""
+                   log=print, overwrite: bool = False) -> dict:
+    """Register every pair and write its outputs; returns {"rows", "summary", "paths", "table"}.
+
+    ``out_dir`` holding an earlier run's results is refused unless ``overwrite``.
+    """
+    folder = ResultFolder.claim(out_dir, overwrite)
     device = resolve_device(device)
     limit_heap_retention()
     model, ckpt = (None, None) if no_network(checkpoint) else load_model(checkpoint)
@@ -179,6 +203,7 @@ def register_files(pairs: list[PairFiles], checkpoint, out_dir, *, run: RunConfi
             "displacement": "voxels of the fixed grid, component i along array axis i; "
                             "warped(x) = moving(x + u(x))"}
     paths = write_results(out_dir, rows, summary, meta)
+    folder.finish(log=log)
     table = format_summary_table(summary, f"{len(rows)} pair(s) registered")
     return {"rows": rows, "summary": summary, "paths": paths, "table": table}
 

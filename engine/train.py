@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models import build_model, load_weights
-from utils.checkpoint import FORMAT, CheckpointError, atomic_save, read_checkpoint
+from models import build_model, load_weights, read_weights
+from utils.checkpoint import FORMAT, CheckpointError, CheckpointKeeper, read_checkpoint
 from utils.config import RunConfig
 from utils.datasets import DatasetIndex, VolumeCache, cache_capacity, discover
 from utils.io import DataError
@@ -114,34 +114,47 @@ def _write_log(path: Path, rows: list[dict]) -> None:
 class Trainer:
     """Holds the state of one training run; ``fit()`` runs the remaining epochs."""
 
-    def __init__(self, run: RunConfig, *, data_root=None, resume: bool = False, init_from=None,
+    def __init__(self, run: RunConfig, *, resume: bool = False, overwrite: bool = False, init_from=None,
                  progress: bool | None = None, index: DatasetIndex | None = None):
         self.run, self.progress = run, progress
         tc = run.train
         self.ctx, self.device = ddp.setup(resolve_device(run.device))
+        self.dir = checkpoint_dir(run)
+        self.keeper = CheckpointKeeper(self.dir, tc.keep_top_k)
+        if self.ctx.is_main:      # before any data is read: a busy or occupied folder stops the run at once
+            self.keeper.open(resume=resume, overwrite=overwrite, log=lambda m: print(m, file=sys.stderr))
+        try:
+            self._setup(resume, init_from, index)
+        except BaseException:
+            self.keeper.close()
+            raise
+
+    def _setup(self, resume: bool, init_from, index: DatasetIndex | None) -> None:
+        run, tc = self.run, self.run.train
         seed_everything(tc.seed + self.ctx.rank)
-        self.index = index or discover(run.data, data_root, tc.seed)
+        self.index = index or discover(run.data, None, tc.seed)
         self.items = self.index.train_items()
         if not self.items:
             raise DataError(f"{run.data.root}: no training pairs")
         self.val_pairs = self.index.val_pairs() if self.ctx.is_main else []
         if tc.val_max_pairs:
             self.val_pairs = self.val_pairs[:tc.val_max_pairs]
+        self.keeper.validated = bool(self.val_pairs)
         sides = {side for item in self.items for pair in item for side in (pair.moving, pair.fixed)}
         sides |= {side for pair in self.val_pairs for side in (pair.moving, pair.fixed)}
         self.cache = VolumeCache(run.data, capacity=cache_capacity(run.data, len(sides), run.data.cache_mb),
                                  workers=run.data.loader_workers)
-        self.dir = checkpoint_dir(run)
+        for pair in self.val_pairs:       # a bad validation subject stops the run now, not after an epoch
+            self.cache.pair_tensors(pair)
         self.model = build_model(run.model).to(self.device)
-        if init_from:
-            load_weights(self.model, read_checkpoint(init_from), str(init_from))
-            self.model.freeze_encoder(run.model.freeze_encoder)
+        if init_from:       # our checkpoint, or the released code's (converted on the fly)
+            load_weights(self.model, read_weights(init_from, run.model), str(init_from))
         self.objective = Objective(tc, run.data.labels)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=tc.lr, amsgrad=tc.amsgrad)
         self.amp = amp_dtype(self.device, tc.amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
-        self.epoch, self.best, self.top, self.step = 0, -math.inf, [], 0
+        self.epoch, self.step = 0, 0
         self.position, self.partial = 0, {}          # inside an epoch interrupted by a signal
         self.bad_steps, self.skipped = 0, 0
         self.resolutions: set[str] = set()     # resolutions of the current epoch's steps
@@ -156,16 +169,25 @@ class Trainer:
                                                if self.device.type == "cuda" else None)
         self.log = _read_log(self.dir / "train_log.csv", self.epoch) if self.ctx.is_main else []
         if self.ctx.is_main:
-            self.dir.mkdir(parents=True, exist_ok=True)
             write_text(self.dir / "config.json", json.dumps(
                 {"run": run.to_dict(), "command": command_line(), "versions": package_versions(),
                  "world_size": self.ctx.world_size}, indent=2))
+
+    @property
+    def best(self) -> float:
+        """Best validation Dice so far (-inf before the first validation)."""
+        return self.keeper.best
+
+    def close(self) -> None:
+        """Release the checkpoint folder (also done when ``fit`` returns and at exit)."""
+        self.keeper.close()
 
     # -- checkpoints ---------------------------------------------------------
     def _state(self) -> dict:
         return {"format": FORMAT, "model_config": self.run.model.to_dict(), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
-                "best_val_dice": self.best, "step": self.step, "top": self.top, "position": self.position,
+                "best_val_dice": self.keeper.best, "step": self.step, "top": self.keeper.top,
+                "position": self.position,
                 "partial": self.partial, "run_config": self.run.to_dict(), "torch_rng": torch.get_rng_state(),
                 "world_size": self.ctx.world_size, "versions": package_versions()}
 
@@ -179,8 +201,8 @@ class Trainer:
             raise CheckpointError(f"{path}: optimizer state does not fit this run ({exc})") from exc
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        self.epoch, self.best = int(ckpt["epoch"]), float(ckpt.get("best_val_dice", -math.inf))
-        self.top = [tuple(t) for t in ckpt.get("top", [])]
+        self.epoch = int(ckpt["epoch"])
+        self.keeper.restore(ckpt)
         self.step = int(ckpt.get("step", 0))
         self.position, self.partial = int(ckpt.get("position", 0)), dict(ckpt.get("partial", {}))
         if self.position and int(ckpt.get("world_size", 1)) != self.ctx.world_size:
@@ -191,25 +213,8 @@ class Trainer:
 
     def _save(self, val_dice: float) -> None:
         """last.pth always; best.pth when validation improved; the top-k dsc files (rank 0 only)."""
-        if not self.ctx.is_main:
-            return
-        improved = (math.isfinite(val_dice) and val_dice > self.best) or not self.val_pairs
-        if improved:
-            self.best = val_dice
-        name, dropped = None, []
-        k = self.run.train.keep_top_k
-        if k > 0 and math.isfinite(val_dice):
-            name = f"dsc{val_dice:.4f}_ep{self.epoch:04d}.pth"
-            ranked = sorted(self.top + [(val_dice, name)], key=lambda t: -t[0])
-            self.top, dropped = ranked[:k], [n for _, n in ranked[k:]]
-        state = self._state()
-        atomic_save(state, self.dir / "last.pth")
-        if improved:
-            atomic_save(state, self.dir / "best.pth")
-        if name is not None and name not in dropped:
-            atomic_save(state, self.dir / name)
-        for old in dropped:
-            (self.dir / old).unlink(missing_ok=True)
+        if self.ctx.is_main:
+            self.keeper.save(self._state, val_dice, self.epoch)
 
     # -- steps ------------------------------------------------------------------
     def _batch(self, pairs) -> dict:
@@ -280,7 +285,7 @@ class Trainer:
         self.partial = {"sums": dict(sums), "steps": steps, "seconds": seconds}
         path = self.dir / "last.pth"
         if self.ctx.is_main:
-            atomic_save(self._state(), path)
+            self.keeper.save_last(self._state())
         ddp.barrier(self.ctx)
         raise TrainingInterrupted(self._signal or signal.SIGTERM, path)
 
@@ -355,6 +360,7 @@ class Trainer:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+            self.close()
         return self.log
 
     def weights_checksum(self) -> float:

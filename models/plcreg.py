@@ -1,4 +1,4 @@
-"""The PLCReg network (DESIGN §1.1-1.3), top-down: encoder, one estimator level, full model.
+"""The PLCReg network, top-down: encoder, one estimator level, full model.
 
 ``PLCReg(config)(moving, fixed)`` returns the full-resolution displacement
 (B, 3, D, H, W) in the project's convention (``utils.spatial``): voxel units,
@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from utils.config import ModelConfig
-from utils.spatial import SpatialTransformer, compose, integrate_velocity, resize_displacement
+from utils.spatial import (SpatialTransformer, compose, integrate_velocity, released_sampling_field, resize_displacement,
+                           upsample_displacement_released)
 
 from .blocks import DoubleConv, FlowHead, UpConv, avg_pool2_channels_last
 from .polaca import PoLaCA
@@ -133,6 +134,11 @@ class PLCReg(nn.Module):
         displacement (B, 3, D, H, W); with ``return_levels`` a tuple
         (displacement, [phi_5, ..., phi_1]) where phi_l lives on the (padded) grid of level l
         in that level's voxel units (before any diffeomorphic integration).
+
+    With ``config.released_compat`` the network computes the released code's function (its
+    weights convert with ``scripts/convert_released.py``) and the returned field is corrected
+    by ``utils.spatial.released_sampling_field``: ``warp(moving, u)`` then equals the released
+    spatial transformer's warped image.
     """
 
     def __init__(self, config: ModelConfig | None = None):
@@ -146,18 +152,25 @@ class PLCReg(nn.Module):
             attention = None
             if lvl in config.attention_levels:
                 attention = PoLaCA(w, config.window_size, config.num_heads, config.alpha,
-                                   config.dwc_kernel, config.mlp_ratio)
+                                   config.dwc_kernel, config.mlp_ratio, released_compat=config.released_compat)
             context = widths[lvl] if lvl < N_LEVELS else None
             levels.append(EstimatorLevel(w, attention, context, config.compose_levels))
         self.levels = nn.ModuleList(levels)           # index 0 = level 1 (finest)
         self.transformer = SpatialTransformer()
-        if config.freeze_encoder:
-            self.freeze_encoder()
+        self.freeze_encoder(config.freeze_encoder)
+        self.freeze_upsampling(config.freeze_upsampling)
 
     def freeze_encoder(self, frozen: bool = True) -> None:
         """Stop (or restart) gradients to the encoder: multi-task fine-tuning trains only the estimator."""
         for p in self.encoder.parameters():
             p.requires_grad_(not frozen)
+
+    def freeze_upsampling(self, frozen: bool = True) -> None:
+        """Stop (or restart) gradients to the estimator's transposed convolutions (``up_context``)."""
+        for level in self.levels:
+            if level.up_context is not None:
+                for p in level.up_context.parameters():
+                    p.requires_grad_(not frozen)
 
     def _check_inputs(self, moving: torch.Tensor, fixed: torch.Tensor) -> None:
         c = self.config.in_channels
@@ -196,7 +209,7 @@ class PLCReg(nn.Module):
         for lvl in range(N_LEVELS, 0, -1):
             m, f = mov.pop(), fix.pop()          # coarsest first; a used level is let go at once
             if phi is not None:
-                phi = resize_displacement(phi, m.shape[2:], align_corners=False)
+                phi = self._upsample(phi, m.shape[2:])
                 m = self.transformer(m, phi)
             pair = [m, f]
             del m, f
@@ -207,4 +220,12 @@ class PLCReg(nn.Module):
         if self.config.diffeomorphic:
             flow = integrate_velocity(flow, self.config.int_steps)
         flow = flow[:, :, :size[0], :size[1], :size[2]].contiguous()
+        if self.config.released_compat:
+            flow = released_sampling_field(flow)
         return (flow, fields) if return_levels else flow
+
+    def _upsample(self, phi: torch.Tensor, size) -> torch.Tensor:
+        """The coarse field on the next finer level's grid, in that level's voxels."""
+        if self.config.released_compat:
+            return upsample_displacement_released(phi)
+        return resize_displacement(phi, size, align_corners=False)

@@ -1,4 +1,4 @@
-"""PoLaCA: polarity correlation attention between fixed and moving features (DESIGN §1.2).
+"""PoLaCA: polarity correlation attention between fixed and moving features.
 
 Reads top-down: window helpers, the attention inside one window
 (:class:`PolarityAttention`), then the full block on feature volumes (:class:`PoLaCA`).
@@ -51,6 +51,20 @@ def window_reverse(windows: torch.Tensor, window: Sequence[int], size: Sequence[
     return x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(-1, d, h, w, c)
 
 
+def window_reverse_released(windows: torch.Tensor, window: Sequence[int], size: Sequence[int]) -> torch.Tensor:
+    """The released code's window reverse: (B * nWindows, N, C) -> (B, D, H, W, C).
+
+    It views the windows as (B, nD, nH, nW, wd, wh, ww, C) and applies the partition's own
+    axis permutation a second time instead of its inverse, so each window's outputs land on
+    other voxels (across windows). Kept only for ``released_compat``.
+    """
+    d, h, w = size
+    wd, wh, ww = window
+    c = windows.shape[-1]
+    x = windows.view(-1, d // wd, h // wh, w // ww, wd, wh, ww, c)
+    return x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(-1, d, h, w, c)
+
+
 # ---------------------------------------------------------------------------
 # attention inside windows
 # ---------------------------------------------------------------------------
@@ -76,13 +90,17 @@ class PolarityAttention(nn.Module):
         alpha: ALS range; exponent p = 1 + alpha * sigmoid(theta) starts at 1 + alpha / 2.
         dwc_kernel: kernel of the depthwise convolution of the values (shared by heads).
         eps: stabiliser of the attention normaliser.
+        released_layout: read the depthwise convolution's (B', h, N, hd) output straight as
+            (B', N, d), as the released code does (mixes tokens and heads); default the
+            correct (B', N, h, hd) layout.
     Forward:
         fixed, moving: (B', N, d) normalised window tokens -> (B', N, d).
     """
 
     def __init__(self, dim: int, window: Sequence[int], num_heads: int = 8, alpha: float = 15.0,
-                 dwc_kernel: int = 3, eps: float = 1e-6):
+                 dwc_kernel: int = 3, eps: float = 1e-6, released_layout: bool = False):
         super().__init__()
+        self.released_layout = released_layout
         if dim % num_heads or (dim // num_heads) % 2:
             raise ValueError(f"PolarityAttention: dim {dim} must split into {num_heads} heads of even width")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
@@ -115,9 +133,10 @@ class PolarityAttention(nn.Module):
         scale = F.softplus(self.scale)
         q, k, v = self._heads(q / scale), self._heads(k / scale), self._heads(v)
 
-        # polarity core in float32: x**p with p up to 16 overflows half precision
-        p = self.exponent().unsqueeze(1).float()                  # (h, 1, hd)
-        qf, kf, vf = q.float(), k.float(), v.float()
+        # polarity core in at least float32: x**p with p up to 16 overflows half precision
+        core = torch.promote_types(q.dtype, torch.float32)
+        p = self.exponent().unsqueeze(1).to(core)                 # (h, 1, hd)
+        qf, kf, vf = q.to(core), k.to(core), v.to(core)
         q_pos, q_neg = F.relu(qf) ** p, F.relu(-qf) ** p
         k_cat = torch.cat([F.relu(kf) ** p, F.relu(-kf) ** p], dim=-1)
         v_same, v_opp = vf.chunk(2, dim=-1)
@@ -131,7 +150,10 @@ class PolarityAttention(nn.Module):
         v_sp = v.reshape(bw * h, n, hd).transpose(1, 2).reshape(bw * h, hd, wd, wh, ww)
         v_sp = self.dwc(v_sp).reshape(bw, h, hd, n).transpose(2, 3)   # (B', h, N, hd)
 
-        x = (x + v_sp).transpose(1, 2).reshape(bw, n, d)
+        if self.released_layout:
+            x = x.transpose(1, 2).reshape(bw, n, d) + v_sp.contiguous().view(bw, n, d)
+        else:
+            x = (x + v_sp).transpose(1, 2).reshape(bw, n, d)
         return self.proj(x * g)
 
 
@@ -144,6 +166,7 @@ class PoLaCA(nn.Module):
     ``LN(moving), LN(fixed)`` (one shared norm) -> windows (padded to a multiple of the
     window, cropped back afterwards) -> :class:`PolarityAttention` -> residual to the
     moving features -> ``x + MLP(LN(x))`` -> final LayerNorm. Works at any input size.
+    ``released_compat`` switches on the released code's value layout and window reverse.
 
     Forward:
         moving, fixed: (B, C, D, H, W) -> (B, C, D, H, W).
@@ -152,11 +175,12 @@ class PoLaCA(nn.Module):
     inference_chunk_tokens = 2 ** 17      # tokens per chunk of the attention and MLP without autograd
 
     def __init__(self, dim: int, window: Sequence[int], num_heads: int = 8, alpha: float = 15.0,
-                 dwc_kernel: int = 3, mlp_ratio: float = 4.0):
+                 dwc_kernel: int = 3, mlp_ratio: float = 4.0, released_compat: bool = False):
         super().__init__()
         self.window = tuple(int(w) for w in window)
+        self.reverse = window_reverse_released if released_compat else window_reverse
         self.norm_in = nn.LayerNorm(dim)
-        self.attn = PolarityAttention(dim, self.window, num_heads, alpha, dwc_kernel)
+        self.attn = PolarityAttention(dim, self.window, num_heads, alpha, dwc_kernel, released_layout=released_compat)
         self.norm_mlp = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
@@ -189,7 +213,7 @@ class PoLaCA(nn.Module):
             # intermediates never exist for the whole volume at once (same values)
             attn = self._attention_in_chunks(f_win, m_win)
         del f_win, m_win
-        attn = window_reverse(attn, self.window, padded)[:, :size[0], :size[1], :size[2]]
+        attn = self.reverse(attn, self.window, padded)[:, :size[0], :size[1], :size[2]]
         x = m + attn
         del attn
         if torch.is_grad_enabled():

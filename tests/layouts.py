@@ -1,4 +1,4 @@
-"""Writes tiny data sets in each data set's exact on-disk layout and naming (DESIGN §3)."""
+"""Writes tiny data sets in each data set's exact on-disk layout and naming (README, "Data sets")."""
 from __future__ import annotations
 
 import pickle

@@ -1,21 +1,32 @@
-"""Atomic checkpoint files that carry the model's configuration.
+"""Checkpoint files: safe reading, atomic writing, and the keeper of a run's checkpoint folder.
 
 A checkpoint is a dict saved with ``torch.save``: ``format``, ``model_config``
-(``ModelConfig.to_dict()``), ``model`` (the state dict) and any extra entries
-(optimizer, epoch, run config, ...). Writes go to a temporary file in the same
-folder and are renamed over the target, so a crash never leaves a half-written file.
+(``ModelConfig.to_dict()``), ``model`` (the state dict) and any extra entries (optimizer,
+epoch, run config, ...), all of them tensors or plain Python types (dict, list, tuple, str,
+numbers, bool, None). Files are read with ``torch.load(weights_only=True)``: loading never
+runs code from the file, and a file that needs anything else is refused.
+
+Writes go to a temporary file in the same folder and are renamed over the target, so a crash
+never leaves a half-written file. ``CheckpointKeeper`` owns a training run's folder: its lock,
+the temporaries a killed run left, and ``last.pth`` / ``best.pth`` / the top-k files.
 """
 from __future__ import annotations
 
+import math
 import os
+import pickle
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from .io import atomic_write
+from .folder_lock import FolderLock
+from .io import DataError, atomic_write, ensure_dir, remove_stale_temporaries, require_file
 
 FORMAT = "plcreg-checkpoint-v1"
+# files of a training run in its checkpoint folder (besides the top-k dsc*.pth)
+RUN_FILES = ("last.pth", "best.pth", "train_log.csv", "config.json")
 
 
 class CheckpointError(ValueError):
@@ -37,15 +48,108 @@ def save_checkpoint(path, model_config: dict, state_dict: dict, **extra) -> Path
     return atomic_save({"format": FORMAT, "model_config": model_config, "model": state_dict, **extra}, path)
 
 
-def read_checkpoint(path, map_location="cpu") -> dict:
-    """Load a checkpoint dict, with a clear error for a missing, unreadable or foreign file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
+def load_weights_only(path, map_location="cpu", what: str = "checkpoint"):
+    """``torch.load`` restricted to tensors and plain Python types; CheckpointError otherwise.
+
+    Nothing in the file is executed: a file that needs other classes (pickled objects of any
+    kind) is refused with a message naming the first one it asked for.
+    """
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        path = require_file(path, f"{what} file")
+    except DataError as exc:
+        raise CheckpointError(str(exc)) from None
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found:
+            raise CheckpointError(f"{path}: refused: the file needs {found.group(1)}, which is neither a tensor nor "
+                                  f"a plain value; loading it could run code from it") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+        raise CheckpointError(f"{path}: cannot read {what} (damaged, or not a PyTorch file: "
+                              f"{detail.group(1).strip() if detail else type(exc).__name__})") from None
     except Exception as exc:  # corrupt or not a torch file
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(f"{path}: cannot read {what} ({type(exc).__name__}: {exc})") from exc
+
+
+def read_checkpoint(path, map_location="cpu") -> dict:
+    """Load a checkpoint dict, with a clear error for a missing, unreadable, unsafe or foreign file."""
+    ckpt = load_weights_only(path, map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a PLCReg checkpoint (expected format {FORMAT!r})")
     return ckpt
+
+
+class CheckpointKeeper:
+    """The checkpoint folder of one training run.
+
+    ``open()`` takes the folder's lock (a second run into the same folder stops with an error
+    naming the holder), deletes temporaries of killed writes, and refuses to start a fresh run
+    over a previous one unless ``overwrite`` (which deletes that run's files first) or
+    ``resume``. ``save(state_fn, score)`` writes ``last.pth`` every time, ``best.pth`` when the
+    score improves (or always, with ``validated=False``), and keeps the ``keep_top_k`` best
+    ``dsc<score>_ep<epoch>.pth`` files. ``state_fn`` builds the dict lazily, after ``best``
+    and ``top`` are updated, so the files record the keeper's own state.
+    """
+
+    def __init__(self, folder, keep_top_k: int = 3, validated: bool = True):
+        self.folder, self.keep_top_k, self.validated = Path(folder), keep_top_k, validated
+        self.best, self.top = -math.inf, []          # best score; [(score, file name)] best first
+        self.lock = FolderLock(self.folder)
+
+    def previous_run_files(self) -> list[Path]:
+        if not self.folder.is_dir():
+            return []
+        return sorted([self.folder / n for n in RUN_FILES if (self.folder / n).exists()]
+                      + list(self.folder.glob("dsc*_ep*.pth")))
+
+    def open(self, *, resume: bool = False, overwrite: bool = False, log: Callable = print) -> "CheckpointKeeper":
+        ensure_dir(self.folder)
+        self.lock.acquire(log=log)
+        try:
+            stale = remove_stale_temporaries(self.folder)
+            if stale:
+                log(f"note: {self.folder}: removed {len(stale)} temporary file(s) left by an interrupted write")
+            previous = self.previous_run_files()
+            if previous and not resume:
+                if not overwrite:
+                    raise DataError(
+                        f"{self.folder}: holds a previous run ({', '.join(p.name for p in previous[:6])}); "
+                        f"continue it with --resume, replace it with --overwrite, or choose another "
+                        f"--checkpoint-dir")
+                for p in previous:
+                    p.unlink()
+                log(f"note: {self.folder}: --overwrite: removed the previous run's {len(previous)} file(s)")
+        except BaseException:
+            self.lock.release()
+            raise
+        return self
+
+    def close(self) -> None:
+        self.lock.release()
+
+    def restore(self, ckpt: dict) -> None:
+        """Best score and top-k list from a resumed checkpoint."""
+        self.best = float(ckpt.get("best_val_dice", -math.inf))
+        self.top = [tuple(t) for t in ckpt.get("top", [])]
+
+    def save_last(self, state: dict) -> Path:
+        return atomic_save(state, self.folder / "last.pth")
+
+    def save(self, state_fn: Callable[[], dict], score: float, epoch: int) -> None:
+        improved = (math.isfinite(score) and score > self.best) or not self.validated
+        if improved:
+            self.best = score
+        name, dropped = None, []
+        if self.keep_top_k > 0 and math.isfinite(score):
+            name = f"dsc{score:.4f}_ep{epoch:04d}.pth"
+            ranked = sorted(self.top + [(score, name)], key=lambda t: -t[0])
+            self.top, dropped = ranked[:self.keep_top_k], [n for _, n in ranked[self.keep_top_k:]]
+        state = state_fn()
+        self.save_last(state)
+        if improved:
+            atomic_save(state, self.folder / "best.pth")
+        if name is not None and name not in dropped:
+            atomic_save(state, self.folder / name)
+        for old in dropped:
+            (self.folder / old).unlink(missing_ok=True)

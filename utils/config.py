@@ -6,6 +6,7 @@ and rebuilt from them; ``to_dict``/``from_dict`` round-trip through plain JSON t
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,12 +16,13 @@ def _tuple(v):
 
 
 ARCHITECTURES = ("plcreg", "voxelmorph")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 VOXELMORPH_WIDTHS = (16, 32, 32, 32, 32)
 
 
 @dataclass
 class ModelConfig:
-    """Architecture of PLCReg (DESIGN §1.1-1.3). Defaults reproduce the OASIS network.
+    """Architecture of PLCReg (README, "The network"). Defaults reproduce the OASIS network.
 
     Attributes:
         arch: 'plcreg', or 'voxelmorph' (the VoxelMorph baseline from the optional
@@ -37,8 +39,17 @@ class ModelConfig:
         compose_levels: compose (instead of add) the upsampled coarse field and each residual.
         diffeomorphic: treat the output as a stationary velocity and integrate it.
         int_steps: scaling-and-squaring steps of the diffeomorphic option.
+        released_compat: reproduce the authors' released network exactly, so that its weights
+            (``scripts/convert_released.py``) give its fields: the values' depthwise-convolution
+            output read in the released (token/head-mixing) layout, attention windows put back
+            with the partition's permutation instead of its inverse, coarse fields upsampled as
+            2 * interpolate(x2, align_corners=True), and the output field corrected so that our
+            ``warp`` reproduces the released spatial transformer (README, "Differences from the
+            released code"). Off by default.
         grad_checkpointing: recompute each level in the backward pass to save memory.
         freeze_encoder: encoder weights get no gradient (multi-task fine-tuning).
+        freeze_upsampling: the estimator's transposed convolutions get no gradient either (with
+            ``freeze_encoder``, the released code's fine-tuning).
     """
     arch: str = "plcreg"
     in_channels: int = 1
@@ -53,8 +64,10 @@ class ModelConfig:
     compose_levels: bool = False
     diffeomorphic: bool = False
     int_steps: int = 7
+    released_compat: bool = False
     grad_checkpointing: bool = False
     freeze_encoder: bool = False
+    freeze_upsampling: bool = False
 
     def __post_init__(self):
         self.widths = _tuple(self.widths)
@@ -96,7 +109,7 @@ class ModelConfig:
 
 def architecture_fields() -> tuple[str, ...]:
     """Fields of ModelConfig that change the weights' shapes or meaning (not run-time options)."""
-    runtime = {"grad_checkpointing", "freeze_encoder"}
+    runtime = {"grad_checkpointing", "freeze_encoder", "freeze_upsampling"}
     return tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in runtime)
 
 
@@ -195,6 +208,20 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if not self.lr > 0 or self.lr != self.lr:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.epochs < 1:
+            raise ValueError(f"TrainConfig.epochs must be >= 1, got {self.epochs}")
+        for name in ("max_pairs", "val_max_pairs", "keep_top_k", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_minutes < 0:
+            raise ValueError(f"TrainConfig.max_minutes must be >= 0 (0 = no limit), got {self.max_minutes}")
+        if self.ncc_window < 1 or self.ncc_window % 2 == 0:
+            raise ValueError(f"TrainConfig.ncc_window must be a positive odd integer, got {self.ncc_window}")
+        for name in ("sim_weight", "reg_weight", "dice_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.similarity not in ("ncc", "mse", "mind", "none"):
             raise ValueError(f"TrainConfig.similarity must be ncc, mse, mind or none, got {self.similarity!r}")
         if self.max_bad_steps < 1:
@@ -229,6 +256,8 @@ class EvalConfig:
             raise ValueError("EvalConfig: expected io_steps >= 0, io_lr > 0, io_weight >= 0, io_scale >= 1, "
                              f"io_smoothing >= 0; got {self.io_steps}, {self.io_lr}, {self.io_weight}, "
                              f"{self.io_scale}, {self.io_smoothing}")
+        if self.max_pairs < 0:
+            raise ValueError(f"EvalConfig.max_pairs must be >= 0 (0 = all), got {self.max_pairs}")
         if self.io_ncc_window < 1 or self.io_ncc_window % 2 == 0:
             raise ValueError(f"EvalConfig.io_ncc_window must be a positive odd integer, got {self.io_ncc_window}")
 
@@ -243,6 +272,15 @@ class RunConfig:
     device: str = "auto"                   # 'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1'
     checkpoint_dir: str = ""               # default Checkpoint/<data.name>
     output_dir: str = ""                   # default Results/<data.name>
+
+    def validate(self) -> "RunConfig":
+        """Check every section again (after fields were set directly) and the device name;
+        ValueError naming the setting otherwise."""
+        for section in (self.data, self.model, self.train, self.eval):
+            section.__post_init__()
+        if not DEVICE_PATTERN.fullmatch(str(self.device)):
+            raise ValueError(f"device {self.device!r}: expected auto, cpu, cuda or cuda:N")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return {"data": _plain(self.data), "model": self.model.to_dict(), "train": _plain(self.train),
@@ -262,7 +300,7 @@ def _plain(obj) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
-# per-data-set presets (DESIGN §3, §1.4)
+# per-data-set presets (README, "Data sets"; the paper's recipe per data set)
 # ---------------------------------------------------------------------------
 def oasis() -> RunConfig:
     return RunConfig(data=DataConfig(), model=ModelConfig(window_size=(5, 7, 6)))

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .config import DataConfig
-from .io import DataError, Volume, check_same_grid, load_nifti, load_pickle_pair
+from .io import DataError, Volume, check_same_grid, load_nifti, load_pickle_pair, require_file
 
 
 @dataclass(frozen=True)
@@ -92,9 +92,7 @@ def _require_dir(path: Path, what: str) -> Path:
 
 
 def _require_file(path: Path, what: str) -> Path:
-    if not path.is_file():
-        raise DataError(f"{path}: {what} not found")
-    return path
+    return require_file(path, what)
 
 
 def _files(folder: Path, pattern: str, what: str) -> list[Path]:
@@ -273,6 +271,10 @@ class VolumeCache:
             label = load_nifti(side.label, "label") if side.label else None
             if label is not None:
                 check_same_grid(image, label)
+        if label is not None and self.cfg.labels and not np.isin(self.cfg.labels, label.array).any():
+            raise DataError(f"{label.path}: none of the data set's labels {_short(self.cfg.labels)} occur in this "
+                            f"label map (it holds {_short(np.unique(label.array)[1:].tolist())}); set "
+                            f"data.labels to the values your label maps use")
         method = self.cfg.fixed_normalisation if side.role == "fixed" and self.cfg.fixed_normalisation \
             else self.cfg.normalisation
         image.array = normalise(image.array, method, self.cfg.ct_window)
@@ -314,6 +316,11 @@ class VolumeCache:
             out["moving_label"] = volume_tensor(m.label.array, device)
             out["fixed_label"] = volume_tensor(f.label.array, device)
         return out
+
+
+def _short(values, n: int = 8) -> str:
+    values = list(values)
+    return str(values) if len(values) <= n else f"[{', '.join(map(str, values[:n]))}, ... ({len(values)} values)]"
 
 
 def cache_capacity(cfg: DataConfig, n_sides: int, budget_mb: float) -> int:

@@ -6,8 +6,10 @@ fixed image of the pair), so outputs overlay the fixed image in ITK-SNAP or 3D S
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,21 +46,61 @@ def _as_3d(arr: np.ndarray, path, what: str) -> np.ndarray:
     return arr
 
 
+MAX_LABEL_VALUES = 1000     # more distinct values than this: an intensity image, not a label map
+
+
+def require_file(path, what: str = "file") -> Path:
+    """``path`` as a Path when it is a regular file; DataError naming it (and what it is) otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; expected a {what}")
+    if not path.exists():
+        raise DataError(f"{path}: {what} not found")
+    if not path.is_file():
+        raise DataError(f"{path}: is not a regular file; expected a {what}")
+    return path
+
+
 def check_image_values(arr: np.ndarray, path) -> None:
     if not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).sum())
         raise DataError(f"{path}: image has {bad} NaN/Inf voxel(s)")
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi <= lo:
+        raise DataError(f"{path}: image is constant (every voxel {lo:g}): nothing to register")
 
 
 def check_label_values(arr: np.ndarray, path) -> np.ndarray:
+    """Integer label values of ``arr`` as int32; DataError for NaN/Inf, non-integer, negative or
+    out-of-range values, an empty map, or an intensity image given as a label map."""
     if not np.isfinite(arr).all():
         raise DataError(f"{path}: label map has NaN/Inf voxels")
     rounded = np.rint(arr)
     if np.abs(arr - rounded).max() > 1e-3:
         raise DataError(f"{path}: label map holds non-integer values (is this an image?)")
+    lo, hi = float(rounded.min()), float(rounded.max())
+    if lo < 0:
+        raise DataError(f"{path}: label map holds negative values (min {lo:g}); labels are 0 (background) "
+                        f"or positive integers")
+    if hi > np.iinfo(np.int32).max:
+        raise DataError(f"{path}: label value {hi:g} is above the int32 range; labels must be < 2**31")
     if not rounded.any():
         raise DataError(f"{path}: label map is empty (all background)")
-    return rounded.astype(np.int32)
+    labels = rounded.astype(np.int32)
+    count = int(np.count_nonzero(np.bincount(labels.ravel()))) if hi < 2 ** 20 else int(np.unique(labels).size)
+    if count > MAX_LABEL_VALUES:
+        raise DataError(f"{path}: label map has {count} distinct values (more than {MAX_LABEL_VALUES}): "
+                        f"is this an intensity image?")
+    return labels
+
+
+def check_affine(affine: np.ndarray, path) -> np.ndarray:
+    """A usable voxel-to-world affine (finite, invertible); DataError naming the file otherwise."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise DataError(f"{path}: the voxel-to-world affine (sform/qform) is singular or not finite: "
+                        f"{affine[:3].round(4).tolist()}; fix the header")
+    return affine
 
 
 def load_nifti(path, kind: str = "image") -> Volume:
@@ -67,31 +109,56 @@ def load_nifti(path, kind: str = "image") -> Volume:
     Raises DataError for a missing, unreadable or non-3D file, NaN/Inf intensities, or an
     empty / non-integer label map.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
+    path = require_file(path, "file")
     try:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except Exception as exc:
         raise DataError(f"{path}: cannot read NIfTI ({type(exc).__name__}: {exc})") from exc
+    affine = check_affine(img.affine, path)
     arr = _as_3d(data, path, kind)
     if kind == "label":
         arr = check_label_values(arr.astype(np.float64), path)
     else:
         arr = arr.astype(np.float32)
         check_image_values(arr, path)
-    return Volume(arr, np.asarray(img.affine, dtype=np.float64), img.header.copy(), str(path))
+    return Volume(arr, affine, img.header.copy(), str(path))
+
+
+class VolumeUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, tuples, lists, dicts and plain numbers, and nothing else.
+
+    A pickle names every class or function it needs; only those that rebuild numpy arrays and
+    scalars are admitted (``ALLOWED``), so a crafted file cannot run code while it is read.
+    """
+    ALLOWED = frozenset({
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+        *((module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+          for name in ("_reconstruct", "scalar")),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    })
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: only numpy arrays, tuples, lists "
+                                         f"and numbers are allowed in a volume pickle")
+        return super().find_class(module, name)
+
+
+def safe_unpickle(data: bytes):
+    """The object of a pickle holding only arrays, containers and numbers (``VolumeUnpickler``)."""
+    return VolumeUnpickler(io.BytesIO(data)).load()
 
 
 def load_pickle_pair(path) -> tuple[Volume, Volume]:
-    """Read an IXI-style pickle holding ``(image, label)``; identity geometry."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
+    """Read an IXI-style pickle holding ``(image, label)``; identity geometry.
+
+    The file is read with a restricted unpickler (``VolumeUnpickler``): a pickle that names
+    anything but numpy arrays and plain containers is refused, never executed.
+    """
+    path = require_file(path, "file")
     try:
-        with open(path, "rb") as fh:
-            obj = pickle.load(fh)
+        obj = safe_unpickle(path.read_bytes())
     except Exception as exc:
         raise DataError(f"{path}: cannot read pickle ({type(exc).__name__}: {exc})") from exc
     if not isinstance(obj, (tuple, list)) or len(obj) != 2:
@@ -105,22 +172,64 @@ def load_pickle_pair(path) -> tuple[Volume, Volume]:
     return Volume(image, eye, None, str(path)), Volume(label, eye, None, str(path))
 
 
-def check_same_grid(a: Volume, b: Volume) -> None:
+def check_same_grid(a: Volume, b: Volume, atol: float = 1e-3) -> None:
+    """DataError unless two volumes (an image and its label map) share shape and affine."""
     if a.array.shape != b.array.shape:
         raise DataError(f"shape mismatch: {a.path} is {a.array.shape} but {b.path} is {b.array.shape}")
+    if not np.allclose(a.affine, b.affine, atol=atol):
+        raise DataError(f"{b.path}: its voxel-to-world affine differs from that of {a.path} "
+                        f"(max difference {np.abs(a.affine - b.affine).max():.4g} mm); a label map must lie "
+                        f"on its image's grid")
 
 
 # ---------------------------------------------------------------------------
 # writing
 # ---------------------------------------------------------------------------
-def atomic_write(path, write) -> Path:
-    """Call ``write(tmp_path)`` then rename the temporary file over ``path``."""
+TEMP_PREFIX = ".tmp."
+
+
+def ensure_dir(path) -> Path:
+    """Create folder ``path`` (and its parents); DataError when a part of it is a regular file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
+    for part in [path, *path.parents]:
+        if part.exists() and not part.is_dir():
+            raise DataError(f"{path}: cannot create this folder: {part} is a file")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot create this folder ({exc.strerror or exc})") from exc
+    return path
+
+
+def current_umask() -> int:
+    """The process's file-creation mask (read without changing it where /proc allows)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path, write) -> Path:
+    """Call ``write(tmp_path)`` then rename the temporary file over ``path``.
+
+    The temporary file lies in the same folder, named ``.tmp.<name>.<random><suffix>``
+    (``remove_stale_temporaries`` finds those a killed process left), and gets the mode a
+    plain ``open`` would give it (0666 less the umask).
+    """
+    path = Path(path)
+    ensure_dir(path.parent)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix or ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name[:-len(suffix)] or path.name}.", suffix=suffix,
+                               dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -128,6 +237,24 @@ def atomic_write(path, write) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+_STALE_TEMPORARY = re.compile(r"^\.tmp\..+|^\..+\.[a-z0-9_]{8}(\.[A-Za-z0-9_]+)+$")
+
+
+def remove_stale_temporaries(folder) -> list[Path]:
+    """Delete the temporary files that writes killed midway left in ``folder``; returns them.
+
+    Matches the atomic writer's names (``.tmp.<name>.<8 random characters><suffix>``, and the
+    older ``.<name>.<8 random characters><suffixes>``); call it only while holding the folder.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if p.is_file() and _STALE_TEMPORARY.match(p.name)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def save_like(array: np.ndarray, reference: Volume, path, dtype=None) -> Path:

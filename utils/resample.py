@@ -10,6 +10,17 @@ def same_grid(shape_a, affine_a, shape_b, affine_b, atol: float = 1e-4) -> bool:
     return tuple(shape_a) == tuple(shape_b) and np.allclose(affine_a, affine_b, atol=atol)
 
 
+def grid_overlap(shape, affine, reference_shape, reference_affine, samples: int = 24) -> float:
+    """Fraction (0..1) of the reference grid whose voxel centres fall inside the other volume,
+    estimated on a ``samples``**3 lattice of reference voxels."""
+    axes = [np.linspace(0, n - 1, min(samples, n)) for n in reference_shape]
+    pts = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    to_source = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ np.asarray(reference_affine, dtype=np.float64)
+    src = pts @ to_source[:3, :3].T + to_source[:3, 3]
+    inside = np.all((src >= -0.5) & (src <= np.asarray(shape) - 0.5), axis=1)
+    return float(inside.mean())
+
+
 def resample_to_grid(array: np.ndarray, affine: np.ndarray, shape, reference_affine: np.ndarray,
                      order: int = 1) -> np.ndarray:
     """Values of ``array`` (voxel-to-world ``affine``) at the voxel centres of the grid
@@ -28,4 +39,4 @@ def resample_to_grid(array: np.ndarray, affine: np.ndarray, shape, reference_aff
     return out.astype(array.dtype if order == 0 else np.float32)
 
 
-__all__ = ["same_grid", "resample_to_grid"]
+__all__ = ["same_grid", "grid_overlap", "resample_to_grid"]

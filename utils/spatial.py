@@ -253,6 +253,37 @@ def integrate_velocity(v: torch.Tensor, steps: int = 7) -> torch.Tensor:
     return u
 
 
+def upsample_displacement_released(u: torch.Tensor) -> torch.Tensor:
+    """The released code's coarse-to-fine step: ``2 * interpolate(u, x2, trilinear, align_corners=True)``.
+
+    (B, 3, d, h, w) -> (B, 3, 2d, 2h, 2w). With ``align_corners=True`` the exact value scale
+    would be (2n - 1) / (n - 1), not 2; ``resize_displacement(..., align_corners=False)``
+    is the project's consistent choice. Used only by the released-compatible mode.
+    """
+    check_field(u)
+    return 2.0 * F.interpolate(u, scale_factor=2, mode="trilinear", align_corners=True)
+
+
+def released_sampling_field(u: torch.Tensor) -> torch.Tensor:
+    """The displacement whose ``warp`` equals the released spatial transformer applied with ``u``.
+
+    The released transformer normalises ``x + u`` for ``align_corners=True`` but samples with
+    ``grid_sample``'s default ``align_corners=False``, so along an axis of ``n`` voxels it
+    reads the moving image at voxel ``(x + u) * n / (n - 1) - 0.5``. In this project's
+    convention that is the displacement ``u' = u * n / (n - 1) + x / (n - 1) - 0.5`` (voxels),
+    which this returns (B, 3, D, H, W) -> (B, 3, D, H, W).
+    """
+    check_field(u)
+    out = torch.empty_like(u)
+    for axis, n in enumerate(u.shape[2:]):
+        if n < 2:
+            out[:, axis] = u[:, axis] - 0.5
+            continue
+        x = torch.arange(n, device=u.device, dtype=u.dtype).view([n if i == axis else 1 for i in range(3)])
+        out[:, axis] = u[:, axis] * (n / (n - 1)) + x / (n - 1) - 0.5
+    return out
+
+
 # ---------------------------------------------------------------------------
 # nn.Module wrappers
 # ---------------------------------------------------------------------------

@@ -112,7 +112,7 @@ def test_checkpoint_of_other_architecture_refused(oasis, tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert "another architecture" in err and "widths" in err
     (tmp_path / "bad.pth").write_bytes(b"\x00\x01")
-    assert infer_main("OASIS", args[:2] + ["--checkpoint", str(tmp_path / "bad.pth")] + args[4:]) == 2
+    assert infer_main("OASIS", args[:2] + ["--checkpoint", str(tmp_path / "bad.pth")] + args[4:] + ["--overwrite"]) == 2
     assert "bad.pth: cannot read checkpoint" in capsys.readouterr().err
 
 

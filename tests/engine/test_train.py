@@ -193,3 +193,26 @@ def test_half_resolution_phase_trains_on_half_size_and_is_logged(oasis_root, tmp
     mixed = Trainer(_run(oasis_root, tmp_path / "mixed", 1), progress=False)
     mixed.fit()
     assert mixed.log[0]["resolution"] == "half+full"
+
+
+def test_fine_tuning_from_a_released_checkpoint_as_the_released_code_does(oasis_root, tmp_path):
+    from tests.released_format import released_state
+    state = released_state(seed=2, window=(2, 2, 2))
+    torch.save({"state_dict": state, "epoch": 50}, tmp_path / "final.pth.tar")
+    run = _run(oasis_root, tmp_path / "ft", 1, **{"model.widths": "16,32,64,128,256", "model.num_heads": 8,
+                                                 "model.window_size": "2,2,2", "model.released_compat": "true",
+                                                 "model.freeze_encoder": "true", "model.freeze_upsampling": "true",
+                                                 "train.max_pairs": 1})
+    ft = Trainer(run, init_from=tmp_path / "final.pth.tar", progress=False)
+    assert torch.equal(ft.model.encoder.levels[2][0][0].weight, state["encoder.conv_3.conv1.weight"])
+    frozen = {k: v.clone() for k, v in ft.model.state_dict().items() if k.startswith("encoder.") or ".up_context." in k}
+    others = {k: v.clone() for k, v in ft.model.state_dict().items() if k not in frozen}
+    ft.fit()
+    after = ft.model.state_dict()
+    assert frozen and all(torch.equal(v, after[k]) for k, v in frozen.items())
+    assert any(not torch.equal(v, after[k]) for k, v in others.items())
+    # without the released-compatible mode the released weights are refused, saying how
+    wrong = _run(oasis_root, tmp_path / "ft2", 1, **{"model.widths": "16,32,64,128,256", "model.num_heads": 8,
+                                                    "model.window_size": "2,2,2"})
+    with pytest.raises(ckpt_mod.CheckpointError, match="released_compat=true"):
+        Trainer(wrong, init_from=tmp_path / "final.pth.tar", progress=False)

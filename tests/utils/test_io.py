@@ -55,7 +55,7 @@ def test_unreadable_and_missing_files(tmp_path):
     with pytest.raises(DataError, match="expected a pickled \\(image, label\\) pair"):
         load_pickle_pair(tmp_path / "one.pkl")
     with open(tmp_path / "mismatch.pkl", "wb") as fh:
-        pickle.dump((np.zeros((4, 4, 4)), np.ones((4, 4, 5))), fh)
+        pickle.dump((np.random.rand(4, 4, 4), np.ones((4, 4, 5))), fh)
     with pytest.raises(DataError, match="differ in shape"):
         load_pickle_pair(tmp_path / "mismatch.pkl")
 
@@ -70,3 +70,34 @@ def test_image_label_shape_mismatch_named(tmp_path):
     other = _nii(np.random.rand(6, 7, 9).astype(np.float32), tmp_path / "other.nii.gz")
     with pytest.raises(DataError, match="resample to a common grid"):
         cache.pair_tensors(Pair(Side("a", str(img), None), Side("b", str(other), None)))
+
+
+class _Opens:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_volume_pickles_load_through_the_restricted_unpickler(tmp_path, protocol):
+    img = np.random.rand(4, 5, 6).astype(np.float32)
+    lab = (np.random.rand(4, 5, 6) * 3).astype(np.int16)
+    lab[0, 0, 0] = 1
+    path = tmp_path / "s.pkl"
+    path.write_bytes(pickle.dumps((img, lab), protocol=protocol))
+    image, label = load_pickle_pair(path)
+    assert np.array_equal(image.array, img) and np.array_equal(label.array, lab)
+
+
+def test_pickle_naming_anything_else_is_refused_unrun(tmp_path):
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps((_Opens(marker), np.zeros((4, 4, 4)))))
+    with pytest.raises(DataError, match=r"evil.pkl: .*refused to load io.open"):
+        load_pickle_pair(path)
+    assert not marker.exists()
+    path.write_bytes(pickle.dumps((np.zeros((4, 4, 4)), {"x": __import__("collections").OrderedDict()})))
+    with pytest.raises(DataError, match="refused to load collections.OrderedDict"):
+        load_pickle_pair(path)
