@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output-dir", default=str(ROOT / "Results" / "BenchAccuracy"))
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of a previous run in --output-dir")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     checkpoints = [tuple(c.split("=", 1)) for c in args.checkpoint]
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
     items, labels = dataset_items(run, torch.device("cpu"))
     plan = specs_for(checkpoints, args.io_steps, args.syn)
     result = compare(items, [s for _, _, s in plan], run, args.output_dir, reference="Initial", labels=labels,
-                     title="demo", progress=False)
+                     title="demo", progress=False, overwrite=args.overwrite)
     rows = []
     for group, steps, spec in plan:
         res = result["results"].get(spec.label)

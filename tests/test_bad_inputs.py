@@ -7,9 +7,11 @@ checkpoint, an IXI pickle) must neither run their payload nor be accepted.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import shutil
+import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -101,6 +103,10 @@ def world(tmp_path_factory):
         (folder / "per_case.csv").write_text("case,dice\nold,0.5\n")
         (folder / "summary.json").write_text('{"old": true}')
         (folder / "nifti" / "old_warped.nii.gz").write_bytes(b"old")
+    locked = d / "locked"          # a run folder held by a live process (this test's own)
+    locked.mkdir()
+    (locked / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "now",
+                                              "command": "Train_OASIS.py"}))
     prev_train.mkdir()
     for name in ("last.pth", "best.pth", "train_log.csv", "config.json"):
         shutil.copy(ckpt, prev_train / name) if name.endswith(".pth") else (prev_train / name).write_text("old")
@@ -137,6 +143,7 @@ CASES = [
     ("register out dir below a file", lambda w: _register(w, w["moving"], out=w["dir"] / "a_file" / "o"),
      "a_file is a file"),
     ("fresh training over a previous run", lambda w: _train(w, ck=w["prev"][2]), "--resume"),
+    ("folder held by another run", lambda w: _train(w, ck=w["dir"] / "locked"), f"in use by process {os.getpid()}"),
     ("inference over previous results", lambda w: _infer(w, out=w["prev"][0]), "--overwrite"),
     ("register over previous results", lambda w: _register(w, w["moving"], out=w["prev"][1]), "--overwrite"),
     ("all-zero affine", lambda w: _register(w, w["zero_affine"]), "zero_affine.nii.gz: the voxel-to-world affine"),
