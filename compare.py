@@ -14,59 +14,14 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
+from engine.assembly import assemble_run
 from engine.cli import EXIT_BAD_INPUT
 from engine.compare import compare, parse_method
-from engine.register import load_pair, read_pairs_csv
+from engine.pair_items import csv_items, dataset_items
 from engine.runtime import resolve_device
 from utils.checkpoint import CheckpointError
-from utils.config import PRESETS, apply_override, preset
-from utils.datasets import VolumeCache, discover, volume_tensor
-from utils.io import DataError, load_nifti
-
-
-class LazyItems:
-    """Pairs loaded one at a time (each method walks the list again)."""
-
-    def __init__(self, names, load):
-        self.names, self.load = list(names), load
-
-    def __len__(self):
-        return len(self.names)
-
-    def __iter__(self):
-        for i in range(len(self.names)):
-            yield self.load(i)
-
-
-def dataset_items(run, device):
-    pairs = discover(run.data, None, run.train.seed).test_pairs()
-    if run.eval.max_pairs:
-        pairs = pairs[:run.eval.max_pairs]
-    if not pairs:
-        raise DataError(f"{run.data.root}: no test pairs")
-    cache = VolumeCache(run.data, capacity=4)
-
-    def load(i):
-        t = cache.pair_tensors(pairs[i], device)
-        return {k: v for k, v in t.items() if isinstance(v, torch.Tensor)} | {"name": pairs[i].name}
-    return LazyItems([p.name for p in pairs], load), list(run.data.labels)
-
-
-def csv_items(path, run, device, max_pairs):
-    pairs = read_pairs_csv(path)[: max_pairs or None]
-
-    def load(i):
-        p = load_pair(pairs[i], run.data)
-        return {k: volume_tensor(p[k], device) for k in ("moving", "fixed", "moving_label", "fixed_label") if k in p} \
-            | {"name": pairs[i].case}
-    labels = set()
-    for files in pairs:
-        if files.fixed_label:
-            labels |= set(np.unique(load_nifti(files.fixed_label, "label").array).tolist())
-    return LazyItems([p.case for p in pairs], load), sorted(labels - {0})
+from utils.config import PRESETS
+from utils.io import DataError
 
 
 def main(argv=None) -> int:
@@ -87,12 +42,8 @@ def main(argv=None) -> int:
         specs = [parse_method(m) for m in args.methods]
         if len({s.label for s in specs}) != len(specs):
             raise ValueError("two methods share a label")
-        run = preset(args.dataset)
-        for assignment in args.overrides:
-            apply_override(run, assignment)
-        if args.data_root:
-            run.data.root = args.data_root
-        run.eval.max_pairs = args.max_pairs
+        run = assemble_run(args.dataset, overrides=args.overrides,
+                           settings={"data.root": args.data_root, "eval.max_pairs": args.max_pairs})
         device = resolve_device(args.device)
         if args.pairs:
             items, labels = csv_items(args.pairs, run, device, args.max_pairs)

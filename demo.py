@@ -20,7 +20,9 @@ from pathlib import Path
 
 from engine.infer import infer
 from engine.train import Trainer
-from utils.config import VOXELMORPH_WIDTHS, ModelConfig, RunConfig, preset
+from engine.assembly import assemble_run
+from models.registry import DEFAULT_MODEL, MODELS
+from utils.config import RunConfig
 from utils.demo_data import DemoSettings, write_demo_dataset
 from utils.io import DataError
 
@@ -29,21 +31,18 @@ ROOT = Path(__file__).resolve().parent
 
 def demo_run(args) -> RunConfig:
     """The 'Demo' preset (utils/config.py) with this run's folders, budget and seed."""
-    run = preset("Demo")
-    run.data.root = str(args.data_dir)
-    if args.quick:
-        run.data.image_size, run.data.val_subjects = (40, 48, 40), 1
     # a short CPU budget: the preset warms the learning rate up (the first Adam steps otherwise
     # throw the coarse fields far off), takes both directions of an atlas item as one batch and
-    # spends the first part of the budget at half resolution (steps about 8x cheaper)
-    run.train.epochs, run.train.max_minutes, run.train.seed = 1000, args.minutes, args.seed
-    run.train.half_res_fraction = args.half_res
-    if args.model == "voxelmorph":          # the baseline, same data, loss, schedule and budget
-        run.model = ModelConfig(arch="voxelmorph", widths=VOXELMORPH_WIDTHS)
-    elif args.widths:
-        run.model.widths = tuple(args.widths)
-    run.device, run.checkpoint_dir, run.output_dir = args.device, str(args.out_dir / "checkpoint"), str(args.out_dir)
-    return run
+    # spends the first part of the budget at half resolution (steps about 8x cheaper); the
+    # VoxelMorph baseline gets the same data, loss, schedule and budget
+    settings = {"data.root": str(args.data_dir), "train.epochs": 1000, "train.max_minutes": args.minutes,
+                "train.seed": args.seed, "train.half_res_fraction": args.half_res, "device": args.device,
+                "checkpoint_dir": str(args.out_dir / "checkpoint"), "output_dir": str(args.out_dir)}
+    if args.quick:
+        settings.update({"data.image_size": (40, 48, 40), "data.val_subjects": 1})
+    if args.widths and args.model == DEFAULT_MODEL:
+        settings["model.widths"] = tuple(args.widths)
+    return assemble_run("Demo", model=args.model, settings=settings)
 
 
 def main(argv=None) -> int:
@@ -57,8 +56,8 @@ def main(argv=None) -> int:
                         "whose 4 mm volumes are small already)")
     p.add_argument("--io-steps", type=int, default=50,
                    help="instance optimisation steps per pair for the second table (default 50; 0 = skip)")
-    p.add_argument("--model", choices=["plcreg", "voxelmorph"], default="plcreg",
-                   help="network to train (voxelmorph needs requirements-baselines.txt)")
+    p.add_argument("--model", choices=sorted(MODELS), default=DEFAULT_MODEL,
+                   help="network to train (models/registry.py; voxelmorph needs requirements-baselines.txt)")
     p.add_argument("--widths", nargs=5, type=int, help="PLCReg widths (default the light 8 16 32 64 128; "
                                                         "the paper's network is 16 32 64 128 256)")
     p.add_argument("--device", default="auto")

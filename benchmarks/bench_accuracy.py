@@ -27,9 +27,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import append_results  # noqa: E402
-from compare import dataset_items  # noqa: E402
+from engine.assembly import assemble_run  # noqa: E402
 from engine.compare import MethodSpec, compare  # noqa: E402
-from utils.config import preset  # noqa: E402
+from engine.pair_items import dataset_items  # noqa: E402
 
 
 def specs_for(checkpoints: list[tuple[str, str]], steps: list[int], syn: bool) -> list[tuple[str, int, MethodSpec]]:
@@ -56,8 +56,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     checkpoints = [tuple(c.split("=", 1)) for c in args.checkpoint]
-    run = preset("Demo")
-    run.data.root = args.data_root
+    run = assemble_run("Demo", settings={"data.root": args.data_root})
     items, labels = dataset_items(run, torch.device("cpu"))
     plan = specs_for(checkpoints, args.io_steps, args.syn)
     result = compare(items, [s for _, _, s in plan], run, args.output_dir, reference="Initial", labels=labels,

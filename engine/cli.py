@@ -10,9 +10,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from models.registry import DEFAULT_MODEL, MODELS
 from utils.checkpoint import CheckpointError
-from utils.config import VOXELMORPH_WIDTHS, ModelConfig, RunConfig, apply_override, preset
+from utils.config import RunConfig
 from utils.io import DataError
+
+from .assembly import assemble_run, checkpoint_dir, default_checkpoint
 
 EXIT_BAD_INPUT = 2
 # --freeze choice -> ModelConfig fields switched on
@@ -45,9 +48,11 @@ def train_parser(dataset: str) -> argparse.ArgumentParser:
                         "released (encoder and the estimator's transposed convolutions, as the released code "
                         "fine-tunes)")
     p.add_argument("--freeze-encoder", action="store_true", help="same as --freeze encoder")
-    p.add_argument("--model", choices=["plcreg", "voxelmorph"], default="plcreg",
-                   help="network to train; voxelmorph is the baseline from the optional voxelmorph package "
-                        f"(default checkpoint folder Checkpoint/{dataset}_voxelmorph)")
+    p.add_argument("--model", choices=sorted(MODELS), default=DEFAULT_MODEL,
+                   help="network to train (models/registry.py): " + "; ".join(
+                       f"{e.name} = {e.display}" + (f", needs {e.requires}" if e.requires else "")
+                       for e in MODELS.values()) + f"; other than {DEFAULT_MODEL} the default checkpoint folder "
+                   f"is Checkpoint/{dataset}_<model>")
     p.add_argument("--amp", action="store_true", help="CUDA mixed precision (bf16, or fp16 with a grad scaler)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute each level in backward (less memory)")
     return p
@@ -56,8 +61,9 @@ def train_parser(dataset: str) -> argparse.ArgumentParser:
 def infer_parser(dataset: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"Infer_{dataset}.py", description=f"Evaluate PLCReg on the {dataset} test pairs.")
     _common(p)
-    p.add_argument("--checkpoint", help=f"default Checkpoint/{dataset}/best.pth; 'none' = no network "
+    p.add_argument("--checkpoint", help=f"default <checkpoint-dir>/best.pth; 'none' = no network "
                                         "(instance optimisation from a zero field)")
+    p.add_argument("--checkpoint-dir", help=f"folder of the default checkpoint (default Checkpoint/{dataset})")
     p.add_argument("--output-dir", help=f"default Results/{dataset}")
     p.add_argument("--save-nifti", action="store_true", help="write warped image, warped label and displacement")
     p.add_argument("--label-interpolation", choices=["nearest", "onehot"])
@@ -83,57 +89,28 @@ def io_settings(args) -> dict:
             if getattr(args, name, None) is not None}
 
 
-def apply_io_arguments(run: RunConfig, args) -> None:
-    for name, value in io_settings(args).items():
-        setattr(run.eval, name, value)
-    run.eval.__post_init__()
+def _flag(args, name):
+    return getattr(args, name, None) or None          # store_true flags count only when given
 
 
 def build_run(dataset: str, args, training: bool) -> RunConfig:
     """The data set's preset with the command line applied (raises ValueError on a bad value)."""
-    run = preset(dataset)
-    if getattr(args, "model", "plcreg") == "voxelmorph":
-        run.model = ModelConfig(arch="voxelmorph", widths=VOXELMORPH_WIDTHS)
-        run.checkpoint_dir = f"Checkpoint/{dataset}_voxelmorph"
-    for assignment in args.overrides:
-        apply_override(run, assignment)
-    if args.data_root:
-        run.data.root = args.data_root
-    if args.device:
-        run.device = args.device
-    if args.seed is not None:
-        run.train.seed = args.seed
+    settings = {"data.root": args.data_root, "device": args.device, "train.seed": args.seed}
     if training:
-        if args.max_pairs is not None:
-            run.train.max_pairs = args.max_pairs
-        if args.epochs is not None:
-            run.train.epochs = args.epochs
-        if args.lr is not None:
-            run.train.lr = args.lr
-        if args.checkpoint_dir:
-            run.checkpoint_dir = args.checkpoint_dir
-        for field_name in FREEZE_CHOICES.get("encoder" if args.freeze_encoder else args.freeze, ()):
-            setattr(run.model, field_name, True)
-        if args.amp:
-            run.train.amp = True
-        if args.grad_checkpointing:
-            run.model.grad_checkpointing = True
+        freeze = FREEZE_CHOICES.get("encoder" if args.freeze_encoder else args.freeze, ())
+        settings.update({"train.max_pairs": args.max_pairs, "train.epochs": args.epochs, "train.lr": args.lr,
+                         "checkpoint_dir": args.checkpoint_dir, "train.amp": _flag(args, "amp"),
+                         "model.grad_checkpointing": _flag(args, "grad_checkpointing"),
+                         **{f"model.{name}": True for name in freeze}})
     else:
-        if args.max_pairs is not None:
-            run.eval.max_pairs = args.max_pairs
-        if args.output_dir:
-            run.output_dir = args.output_dir
-        if args.label_interpolation:
-            run.eval.label_interpolation = args.label_interpolation
-        if args.hd95_mm:
-            run.eval.hd95_spacing = True
-        if args.amp:
-            run.eval.amp = True
-        if args.compile:
-            run.eval.compile = True
-        apply_io_arguments(run, args)
-    run.validate()
-    return run
+        settings.update({"eval.max_pairs": args.max_pairs, "output_dir": args.output_dir,
+                         "checkpoint_dir": args.checkpoint_dir,
+                         "eval.label_interpolation": args.label_interpolation,
+                         "eval.hd95_spacing": _flag(args, "hd95_mm"), "eval.amp": _flag(args, "amp"),
+                         "eval.compile": _flag(args, "compile"),
+                         **{f"eval.{k}": v for k, v in io_settings(args).items()}})
+    return assemble_run(dataset, model=getattr(args, "model", DEFAULT_MODEL), overrides=args.overrides,
+                        settings=settings)
 
 
 def _fail(message: str) -> int:
@@ -148,7 +125,7 @@ def train_main(dataset: str, argv=None) -> int:
     except ValueError as exc:
         return _fail(str(exc))
     from . import distributed as ddp
-    from .train import Trainer, TrainingDiverged, TrainingInterrupted, checkpoint_dir
+    from .train import Trainer, TrainingDiverged, TrainingInterrupted
     trainer = None
     try:
         trainer = Trainer(run, resume=args.resume, overwrite=args.overwrite, init_from=args.init_from,
@@ -183,7 +160,7 @@ def infer_main(dataset: str, argv=None) -> int:
     except ValueError as exc:
         return _fail(str(exc))
     from .infer import infer
-    checkpoint = Path(args.checkpoint or f"Checkpoint/{dataset}/best.pth")
+    checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint(run)
     try:
         result = infer(run, checkpoint, save_nifti=args.save_nifti, progress=False if args.no_progress else None,
                        figures=args.figures, overwrite=args.overwrite)

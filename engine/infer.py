@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from models import load_model
+from models import display_name, load_model
 from utils.config import RunConfig
 from utils.datasets import DatasetIndex, VolumeCache, discover
 from utils.io import DataError, save_like
@@ -22,15 +22,12 @@ from utils.spatial import warp
 
 from utils.metrics import jacobian_stats
 
+from .assembly import output_dir
 from .evaluate import evaluate_pair, format_summary_table, label_dice, summarise, write_results
 from .instance_opt import io_similarity, refine_for_run
 from .report import inference_figures
 from .runtime import (amp_dtype, autocast, command_line, compile_model, limit_heap_retention, package_versions,
                       resolve_device, synchronize)
-
-
-def output_dir(run: RunConfig) -> Path:
-    return Path(run.output_dir or f"Results/{run.data.name}")
 
 
 def save_pair_outputs(out_dir: Path, name: str, fixed_volume, warped: torch.Tensor, u: torch.Tensor,
@@ -142,8 +139,7 @@ def infer(run: RunConfig, checkpoint, *, save_nifti: bool = False, progress: boo
                             else None)
         paths["figures"] = inference_figures(out_dir / "figures", first, rows, labels, log)
     folder.finish(log=print)
-    method = {"plcreg": "PLCReg", "voxelmorph": "VoxelMorph"}.get(model.config.arch, model.config.arch) \
-        if model is not None else "no network"
+    method = display_name(model.config.arch) if model is not None else "no network"
     if run.eval.io_steps:
         method += f" + {run.eval.io_steps} IO steps"
     table = format_summary_table(summary, f"{run.data.name}: {len(rows)} test pairs, {method} "

@@ -39,6 +39,7 @@ from utils.metrics import dice_per_label
 from utils.spatial import warp_labels
 
 from . import distributed as ddp
+from .assembly import checkpoint_dir
 from .evaluate import write_text
 from .objective import Objective
 from .runtime import amp_dtype, autocast, command_line, package_versions, resolve_device, seed_everything
@@ -58,10 +59,6 @@ class TrainingInterrupted(RuntimeError):
         super().__init__(f"{signal.Signals(signum).name}: resumable checkpoint written to {path}; "
                          f"continue with --resume")
         self.signum, self.path = signum, path
-
-
-def checkpoint_dir(run: RunConfig) -> Path:
-    return Path(run.checkpoint_dir or f"Checkpoint/{run.data.name}")
 
 
 def epoch_order(n_items: int, seed: int, epoch: int, limit: int = 0) -> list[int]:

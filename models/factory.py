@@ -6,19 +6,18 @@ import torch.nn as nn
 from utils.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from utils.config import ModelConfig, architecture_fields
 
+from . import voxelmorph_adapter  # noqa: F401  (registers 'voxelmorph')
 from .plcreg import PLCReg
+from .registry import model_entry
 
 
 def build_model(config: ModelConfig | dict | None = None) -> nn.Module:
-    """The network of a ModelConfig (or its dict form): PLCReg (defaults: the OASIS network),
-    or the VoxelMorph baseline for ``arch='voxelmorph'``."""
+    """The network of a ModelConfig (or its dict form), built by its registry entry
+    (``models/registry.py``; defaults: the OASIS PLCReg)."""
     if isinstance(config, dict):
         config = ModelConfig.from_dict(config)
     config = config or ModelConfig()
-    if config.arch == "voxelmorph":
-        from .voxelmorph_adapter import VoxelMorphNet
-        return VoxelMorphNet(config)
-    return PLCReg(config)
+    return model_entry(config.arch).builder(config)
 
 
 def save_model(path, model: PLCReg, **extra):

@@ -26,6 +26,7 @@ from utils.spatial import (SpatialTransformer, compose, integrate_velocity, rele
 
 from .blocks import DoubleConv, FlowHead, UpConv, avg_pool2_channels_last
 from .polaca import PoLaCA
+from .registry import register_model
 
 N_LEVELS = 5
 SIZE_MULTIPLE = 2 ** (N_LEVELS - 1)
@@ -229,3 +230,8 @@ class PLCReg(nn.Module):
         if self.config.released_compat:
             return upsample_displacement_released(phi)
         return resize_displacement(phi, size, align_corners=False)
+
+
+@register_model("plcreg", display="PLCReg")
+def build_plcreg(config: ModelConfig) -> PLCReg:
+    return PLCReg(config)

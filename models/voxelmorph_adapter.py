@@ -13,6 +13,7 @@ import torch.nn as nn
 from utils.config import ModelConfig
 
 from .plcreg import pad_far_end
+from .registry import register_model
 
 INSTALL_HINT = "VoxelMorph baseline needs the optional package: pip install -r requirements-baselines.txt"
 
@@ -56,6 +57,12 @@ class VoxelMorphNet(nn.Module):
         moving, fixed = pad_far_end(moving, target), pad_far_end(fixed, target)
         u = self.net(moving, fixed, return_field_type="displacement")
         return u[:, :, :size[0], :size[1], :size[2]]
+
+
+@register_model("voxelmorph", display="VoxelMorph", defaults={"widths": (16, 32, 32, 32, 32)},
+                requires="voxelmorph (requirements-baselines.txt)")
+def build_voxelmorph(config: ModelConfig) -> VoxelMorphNet:
+    return VoxelMorphNet(config)
 
 
 __all__ = ["VoxelMorphNet", "import_voxelmorph", "INSTALL_HINT"]

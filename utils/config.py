@@ -15,9 +15,7 @@ def _tuple(v):
     return tuple(v) if isinstance(v, (list, tuple)) else v
 
 
-ARCHITECTURES = ("plcreg", "voxelmorph")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
-VOXELMORPH_WIDTHS = (16, 32, 32, 32, 32)
 
 
 @dataclass
@@ -25,8 +23,9 @@ class ModelConfig:
     """Architecture of PLCReg (README, "The network"). Defaults reproduce the OASIS network.
 
     Attributes:
-        arch: 'plcreg', or 'voxelmorph' (the VoxelMorph baseline from the optional
-            ``voxelmorph`` package: widths are its U-Net features, diffeomorphic its integration).
+        arch: the network's name in the model registry (``models/registry.py``): 'plcreg', or
+            'voxelmorph' (the VoxelMorph baseline from the optional ``voxelmorph`` package:
+            widths are its U-Net features, diffeomorphic its integration).
         in_channels: image channels of each input volume.
         widths: encoder widths of levels 1..5 (full, 1/2, 1/4, 1/8, 1/16 resolution).
         width_multiplier: scales every width (rounded, at least 1).
@@ -73,8 +72,8 @@ class ModelConfig:
         self.widths = _tuple(self.widths)
         self.window_size = _tuple(self.window_size)
         self.attention_levels = _tuple(self.attention_levels)
-        if self.arch not in ARCHITECTURES:
-            raise ValueError(f"ModelConfig.arch must be one of {ARCHITECTURES}, got {self.arch!r}")
+        if not isinstance(self.arch, str) or not self.arch:
+            raise ValueError(f"ModelConfig.arch must be a registered model name, got {self.arch!r}")
         if len(self.widths) != 5:
             raise ValueError(f"ModelConfig.widths: expected 5 widths (levels 1..5), got {self.widths}")
         if len(self.window_size) != 3 or min(self.window_size) < 1:
@@ -394,5 +393,5 @@ def _parse_like(current, text: str, key: str):
         raise ValueError(f"override {key}={text!r}: cannot read a {type(current).__name__}") from exc
 
 
-__all__ = ["ModelConfig", "ARCHITECTURES", "VOXELMORPH_WIDTHS", "DataConfig", "TrainConfig", "EvalConfig", "RunConfig", "PRESETS", "preset",
+__all__ = ["ModelConfig", "DataConfig", "TrainConfig", "EvalConfig", "RunConfig", "PRESETS", "preset",
            "apply_override", "architecture_fields", "LAYOUTS"]

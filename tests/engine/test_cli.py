@@ -157,3 +157,23 @@ def test_train_voxelmorph_baseline_with_the_same_engine(oasis, tmp_path):
     assert saved["model_config"]["arch"] == "voxelmorph"
     assert infer_main("OASIS", ["--data-root", str(oasis), "--checkpoint", str(ck / "last.pth"), "--output-dir",
                                 str(tmp_path / "out"), "--no-progress", *_sets("OASIS")]) == 0
+
+
+def test_inference_takes_its_default_checkpoint_from_the_checkpoint_folder(oasis, tmp_path):
+    """Without --checkpoint, inference uses <checkpoint folder>/best.pth, whether the folder is
+    given as --checkpoint-dir or as --set checkpoint_dir=..."""
+    from models import build_model, save_model
+    from utils.config import RunConfig, apply_override
+    cfg = RunConfig()
+    for o in quick_overrides("OASIS"):
+        apply_override(cfg, o)
+    for i, how in enumerate((["--checkpoint-dir"], ["--set"])):
+        folder = tmp_path / f"ck{i}"
+        save_model(folder / "best.pth", build_model(cfg.model), run_config=cfg.to_dict())
+        given = how + ([str(folder)] if how[0] == "--checkpoint-dir" else [f"checkpoint_dir={folder}"])
+        out = tmp_path / f"out{i}"
+        assert infer_main("OASIS", ["--data-root", str(oasis), "--output-dir", str(out), "--max-pairs", "1",
+                                    "--no-progress", *_sets("OASIS"), *given]) == 0
+        assert json.loads((out / "summary.json").read_text())["checkpoint"] == str(folder / "best.pth")
+    assert infer_main("OASIS", ["--data-root", str(oasis), "--output-dir", str(tmp_path / "out9"), *_sets("OASIS"),
+                                "--checkpoint-dir", str(tmp_path / "empty")]) == 2

@@ -2,9 +2,8 @@
 import pytest
 import torch
 
-from models import build_model, load_model, save_model
+from models import build_model, default_config, load_model, save_model
 from tests.helpers import smooth_image
-from utils.config import ModelConfig, VOXELMORPH_WIDTHS
 from utils.spatial import warp
 
 vxm = pytest.importorskip("voxelmorph")
@@ -12,7 +11,7 @@ vxm = pytest.importorskip("voxelmorph")
 
 def _model():
     torch.manual_seed(0)
-    return build_model(ModelConfig(arch="voxelmorph", widths=VOXELMORPH_WIDTHS)).eval()
+    return build_model(default_config("voxelmorph")).eval()
 
 
 def test_constant_translation_is_in_the_project_convention():
