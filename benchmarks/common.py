@@ -13,22 +13,11 @@ RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
 
 def cpu_model() -> str:
-    """The CPU's model name and its bf16 matrix features (AMX, AVX-512-bf16), from /proc/cpuinfo."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    name = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                if name and flags:
-                    break
-    except OSError:
-        pass
+    """The CPU's model name and its bf16 matrix features (AMX, AVX-512-bf16)."""
+    from engine.runtime import cpu_features, cpu_name
+    flags = cpu_features()
     features = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags]
-    return f"{name} ({', '.join(features) or 'no AVX-512/AMX'})"
+    return f"{cpu_name()} ({', '.join(features) or 'no AVX-512/AMX'})"
 
 
 def machine_line(device: str = "cpu") -> str:

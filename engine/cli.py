@@ -61,7 +61,7 @@ def train_parser(dataset: str) -> argparse.ArgumentParser:
 def infer_parser(dataset: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"Infer_{dataset}.py", description=f"Evaluate PLCReg on the {dataset} test pairs.")
     _common(p)
-    p.add_argument("--checkpoint", help=f"default <checkpoint-dir>/best.pth; 'none' = no network "
+    p.add_argument("--checkpoint", help="default <checkpoint-dir>/best.pth; 'none' = no network "
                                         "(instance optimisation from a zero field)")
     p.add_argument("--checkpoint-dir", help=f"folder of the default checkpoint (default Checkpoint/{dataset})")
     p.add_argument("--output-dir", help=f"default Results/{dataset}")

@@ -38,7 +38,7 @@ from utils.outputs import ResultFolder
 
 from .evaluate import csv_text, evaluate_pair, summarise, write_text
 from .infer import register_tensors
-from .runtime import PeakMemory, command_line, package_versions
+from .runtime import PeakMemory, bar_disabled, provenance
 from .stats import paired_wilcoxon
 
 KINDS = ("initial", "checkpoint", "io", "syn")
@@ -239,7 +239,7 @@ def compare(items, specs: list[MethodSpec], run: RunConfig, out_dir, *, referenc
             continue
         rows = []
         with PeakMemory(device) as peak:
-            for item in tqdm(items, desc=spec.label, disable=None if progress is None else not progress):
+            for item in tqdm(items, desc=spec.label, disable=bar_disabled(progress)):
                 u, seconds = method.register(item["moving"], item["fixed"])
                 row, _ = evaluate_pair(u, item.get("moving_label"), item.get("fixed_label"), labels,
                                        run.eval.label_interpolation)
@@ -276,8 +276,7 @@ def compare(items, specs: list[MethodSpec], run: RunConfig, out_dir, *, referenc
         paths["boxplot"] = figures.methods_boxplot(per_structure, labels, out_dir / "figures" / "dice_per_structure.png",
                                                    f"Dice per structure over {len(items)} pairs")
     write_text(out_dir / "comparison.json", json.dumps(
-        {"methods": [vars(s) for s in specs], "skipped": skipped, "reference": reference, "command": command_line(),
-         "versions": package_versions(), "device": str(device), "config": run.to_dict(), "table": table_rows,
+        {"methods": [vars(s) for s in specs], "skipped": skipped, "reference": reference, **provenance(device), "config": run.to_dict(), "table": table_rows,
          "pvalues": tests}, indent=2, default=str))
     folder.finish(log=log)
     return {"results": results, "skipped": skipped, "table": table, "pvalues": tests,

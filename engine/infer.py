@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -26,18 +27,20 @@ from .assembly import output_dir
 from .evaluate import evaluate_pair, format_summary_table, label_dice, summarise, write_results
 from .instance_opt import io_similarity, refine_for_run
 from .report import inference_figures
-from .runtime import (amp_dtype, autocast, command_line, compile_model, limit_heap_retention, package_versions,
+from .runtime import (amp_dtype, autocast, bar_disabled, compile_model, limit_heap_retention, provenance,
                       resolve_device, synchronize)
 
 
 def save_pair_outputs(out_dir: Path, name: str, fixed_volume, warped: torch.Tensor, u: torch.Tensor,
                       warped_label: torch.Tensor | None) -> None:
-    """Warped image, warped label and displacement as NIfTI with the fixed image's geometry."""
-    save_like(warped[0, 0].float().cpu().numpy(), fixed_volume, out_dir / f"{name}_warped.nii.gz")
-    save_like(u[0].float().cpu().numpy(), fixed_volume, out_dir / f"{name}_displacement.nii.gz")
+    """``<name>_warped.nii.gz`` (float32), ``<name>_displacement.nii.gz`` (float32, a vector
+    image) and ``<name>_warped_label.nii.gz`` (int16) with the fixed image's geometry.
+    warped: (1, 1, D, H, W); u: (1, 3, D, H, W); warped_label: (1, 1, D, H, W) or None."""
+    save_like(warped[0, 0].float().cpu().numpy(), fixed_volume, out_dir / f"{name}_warped.nii.gz", dtype=np.float32)
+    save_like(u[0].float().cpu().numpy(), fixed_volume, out_dir / f"{name}_displacement.nii.gz", dtype=np.float32)
     if warped_label is not None:
-        save_like(warped_label[0, 0].cpu().numpy().astype("int16"), fixed_volume,
-                  out_dir / f"{name}_warped_label.nii.gz")
+        save_like(warped_label[0, 0].cpu().numpy(), fixed_volume, out_dir / f"{name}_warped_label.nii.gz",
+                  dtype=np.int16)
 
 
 def no_network(checkpoint) -> bool:
@@ -105,7 +108,7 @@ def infer(run: RunConfig, checkpoint, *, save_nifti: bool = False, progress: boo
     cache = VolumeCache(run.data)
     labels = run.data.labels
     rows, first = [], None
-    for pair in tqdm(pairs, desc="inference", disable=None if progress is None else not progress):
+    for pair in tqdm(pairs, desc="inference", disable=bar_disabled(progress)):
         t = cache.pair_tensors(pair, device)
         u, info = register_tensors(model, run, t["moving"], t["fixed"])
         if figures and first is None:
@@ -125,8 +128,7 @@ def infer(run: RunConfig, checkpoint, *, save_nifti: bool = False, progress: boo
             save_pair_outputs(out_dir / "nifti", pair.name, t["fixed_volume"], warp(t["moving"], u), u,
                               warped_label)
     summary = summarise(rows)
-    meta = {"dataset": run.data.name, "checkpoint": str(checkpoint) if checkpoint else None,
-            "command": command_line(), "versions": package_versions(), "device": str(device),
+    meta = {"dataset": run.data.name, "checkpoint": str(checkpoint) if checkpoint else None, **provenance(device),
             "label_interpolation": run.eval.label_interpolation,
             "hd95_units": "mm" if run.eval.hd95_spacing else "voxels", "config": run.to_dict(),
             "model_config": model.config.to_dict() if model is not None else None,

@@ -21,10 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from utils.checks import check_field, check_same_spatial, check_volume
-from utils.losses import box_sum, grad_loss, mind_loss, mse_loss, ncc_loss
+from utils.losses import SIMILARITIES, box_sum, grad_loss, similarity_loss
 from utils.spatial import resize_displacement, warp
-
-SIMILARITIES = ("ncc", "mse", "mind")
 
 
 @dataclass
@@ -34,16 +32,6 @@ class IOResult:
     losses: list = field(default_factory=list)        # loss before each Adam step, then after the last
     best_loss: float = math.nan
     seconds: float = 0.0
-
-
-def _similarity(kind: str, ncc_window: int):
-    if kind == "ncc":
-        return lambda a, b: ncc_loss(a, b, win=ncc_window)
-    if kind == "mse":
-        return mse_loss
-    if kind == "mind":
-        return mind_loss
-    raise ValueError(f"instance optimisation: similarity must be one of {SIMILARITIES}, got {kind!r}")
 
 
 def coarse_shape(shape, scale: int) -> tuple[int, ...]:
@@ -82,7 +70,7 @@ def instance_optimise(moving: torch.Tensor, fixed: torch.Tensor, u0: torch.Tenso
         raise ValueError(f"instance optimisation: expected steps >= 0, scale >= 1, lr > 0, reg_weight >= 0 and "
                          f"smoothing >= 0, got steps={steps}, scale={scale}, lr={lr}, reg_weight={reg_weight}, "
                          f"smoothing={smoothing}")
-    sim = _similarity(similarity, ncc_window)
+    sim = similarity_loss(similarity, ncc_window)
     full = tuple(fixed.shape[2:])
     if u0 is None:
         u0 = fixed.new_zeros((fixed.shape[0], 3, *full), dtype=torch.float32)

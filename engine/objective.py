@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from utils.config import TrainConfig
-from utils.losses import dice_loss, grad_loss, mind_loss, mse_loss, ncc_loss, one_hot
+from utils.losses import dice_loss, grad_loss, one_hot, similarity_loss
 from utils.spatial import warp
 
 
@@ -17,28 +17,19 @@ class Objective:
 
     def __init__(self, cfg: TrainConfig, labels):
         self.cfg, self.labels = cfg, list(labels)
+        self.similarity = similarity_loss(cfg.similarity, cfg.ncc_window) if cfg.similarity != "none" else None
 
     @property
     def needs_labels(self) -> bool:
         return self.cfg.dice_weight > 0
-
-    def _similarity(self, warped, fixed):
-        kind = self.cfg.similarity
-        if kind == "ncc":
-            return ncc_loss(warped, fixed, win=self.cfg.ncc_window)
-        if kind == "mse":
-            return mse_loss(warped, fixed)
-        if kind == "mind":
-            return mind_loss(warped, fixed)
-        return warped.new_zeros(())
 
     def __call__(self, moving, fixed, u, moving_label=None, fixed_label=None):
         """Returns (total loss, {term: float}) for displacement ``u`` (B, 3, D, H, W)."""
         c = self.cfg
         terms = {}
         total = u.new_zeros((), dtype=torch.float32)
-        if c.similarity != "none":
-            sim = self._similarity(warp(moving, u), fixed)
+        if self.similarity is not None:
+            sim = self.similarity(warp(moving, u), fixed)
             terms["sim"] = sim
             total = total + c.sim_weight * sim
         reg = grad_loss(u, c.reg_penalty)

@@ -23,14 +23,14 @@ from models import load_model
 from models.plcreg import padded_size
 from utils.config import RunConfig
 from utils.datasets import normalise, volume_tensor
-from utils.io import DataError, Volume, check_same_grid, load_nifti, require_file, save_like
+from utils.io import DataError, Volume, check_same_grid, load_nifti, require_file
 from utils.outputs import ResultFolder
 from utils.resample import grid_overlap, resample_to_grid, same_grid
 from utils.spatial import warp, warp_labels
 
 from .evaluate import evaluate_pair, format_summary_table, summarise, write_results
-from .infer import no_network, register_tensors
-from .runtime import command_line, limit_heap_retention, package_versions, resolve_device
+from .infer import no_network, register_tensors, save_pair_outputs
+from .runtime import bar_disabled, limit_heap_retention, provenance, resolve_device
 
 PAIR_COLUMNS = ("moving", "fixed", "moving_label", "fixed_label", "name")
 
@@ -170,7 +170,7 @@ def register_files(pairs: list[PairFiles], checkpoint, out_dir, *, run: RunConfi
         model = model.to(device).eval()
     out_dir = Path(out_dir)
     rows = []
-    for files in tqdm(pairs, desc="registration", disable=None if progress is None else not progress):
+    for files in tqdm(pairs, desc="registration", disable=bar_disabled(progress)):
         p = load_pair(files, run.data)
         shape = p["fixed"].shape
         if model is not None and padded_size(shape) != tuple(shape):
@@ -183,20 +183,15 @@ def register_files(pairs: list[PairFiles], checkpoint, out_dir, *, run: RunConfi
         labels = sorted(set(np.unique(p["fixed_label"]).tolist()) - {0}) if fl is not None else []
         row, warped_label = evaluate_pair(u, ml, fl, labels, run.eval.label_interpolation)
         row.update(seconds=info["seconds"], **({"io_seconds": info["io_seconds"]} if "io_seconds" in info else {}))
-        fixed_vol = p["fixed_volume"]
         warped = warp(as_tensor(p["raw_moving"].astype(np.float32)), u)
-        save_like(warped[0, 0].cpu().numpy(), fixed_vol, out_dir / f"{files.case}_warped.nii.gz", dtype=np.float32)
-        save_like(u[0].float().cpu().numpy(), fixed_vol, out_dir / f"{files.case}_displacement.nii.gz",
-                  dtype=np.float32)
+        wl = None
         if ml is not None:
             wl = warped_label if warped_label is not None else warp_labels(ml, u, run.eval.label_interpolation)
-            save_like(wl[0, 0].cpu().numpy(), fixed_vol, out_dir / f"{files.case}_warped_label.nii.gz",
-                      dtype=np.int16)
+        save_pair_outputs(out_dir, files.case, p["fixed_volume"], warped, u, wl)
         rows.append({"case": files.case, "moving": files.moving, "fixed": files.fixed, **row,
                      "notes": "; ".join(p["notes"])})
     summary = summarise(rows)
-    meta = {"checkpoint": str(checkpoint), "command": command_line(), "versions": package_versions(),
-            "device": str(device), "normalisation": run.data.normalisation,
+    meta = {"checkpoint": str(checkpoint), **provenance(device), "normalisation": run.data.normalisation,
             "fixed_normalisation": run.data.fixed_normalisation or run.data.normalisation,
             "label_interpolation": run.eval.label_interpolation,
             "instance_optimisation": {k: v for k, v in vars(run.eval).items() if k.startswith("io_")},

@@ -49,6 +49,44 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [sys.executable.split("/")[-1], *sys.argv])
 
 
+def _cpuinfo(key: str) -> str:
+    """The first value of ``key`` in /proc/cpuinfo ('' where it is missing)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                name, _, value = line.partition(":")
+                if name.strip() == key:
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what the platform module knows."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_features() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo 'flags'; empty where unknown)."""
+    return set(_cpuinfo("flags").split())
+
+
+def provenance(device=None) -> dict:
+    """What every result file records about its run: command, package versions, CPU, device."""
+    out = {"command": command_line(), "versions": package_versions(), "cpu": cpu_name()}
+    if device is not None:
+        out["device"] = str(device)
+        if torch.device(device).type == "cuda" and torch.cuda.is_available():
+            out["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return out
+
+
+def bar_disabled(progress: bool | None) -> bool | None:
+    """tqdm's ``disable`` for a ``progress`` setting: None (auto: a bar on a terminal), or its negation."""
+    return None if progress is None else not progress
+
+
 _warned: set[str] = set()
 
 
@@ -136,7 +174,7 @@ def compile_model(model: torch.nn.Module) -> torch.nn.Module:
     In place (``nn.Module.compile``), so parameter names, checkpoints and attribute access are
     unchanged. The first call for each new input shape compiles (up to 1.5 minutes on two CPU
     cores at full size); every later call of that shape reuses the compiled code. PLCReg traces as one graph:
-    its convolutions stay oneDNN calls (``models.blocks.onednn_conv3d``) on the CPU.
+    its convolutions stay oneDNN calls (``models.cpu_kernels.onednn_conv3d``) on the CPU.
     """
     model.compile(dynamic=False)
     return model

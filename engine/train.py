@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models import build_model, load_weights, read_weights
-from utils.checkpoint import FORMAT, CheckpointError, CheckpointKeeper, read_checkpoint
+from utils.checkpoint import CheckpointError, CheckpointKeeper, checkpoint_dict, read_checkpoint
 from utils.config import RunConfig
 from utils.datasets import DatasetIndex, VolumeCache, cache_capacity, discover
 from utils.io import DataError
@@ -42,7 +42,7 @@ from . import distributed as ddp
 from .assembly import checkpoint_dir
 from .evaluate import write_text
 from .objective import Objective
-from .runtime import amp_dtype, autocast, command_line, package_versions, resolve_device, seed_everything
+from .runtime import amp_dtype, autocast, bar_disabled, package_versions, provenance, resolve_device, seed_everything
 
 LOG_COLUMNS = ["epoch", "steps", "loss", "sim", "reg", "dice_loss", "val_dice", "skipped", "seconds", "elapsed",
                "lr", "resolution"]
@@ -167,8 +167,7 @@ class Trainer:
         self.log = _read_log(self.dir / "train_log.csv", self.epoch) if self.ctx.is_main else []
         if self.ctx.is_main:
             write_text(self.dir / "config.json", json.dumps(
-                {"run": run.to_dict(), "command": command_line(), "versions": package_versions(),
-                 "world_size": self.ctx.world_size}, indent=2))
+                {"run": run.to_dict(), **provenance(self.device), "world_size": self.ctx.world_size}, indent=2))
 
     @property
     def best(self) -> float:
@@ -181,12 +180,12 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------
     def _state(self) -> dict:
-        return {"format": FORMAT, "model_config": self.run.model.to_dict(), "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
-                "best_val_dice": self.keeper.best, "step": self.step, "top": self.keeper.top,
-                "position": self.position,
-                "partial": self.partial, "run_config": self.run.to_dict(), "torch_rng": torch.get_rng_state(),
-                "world_size": self.ctx.world_size, "versions": package_versions()}
+        """The checkpoint: weights and config, plus everything ``--resume`` needs."""
+        return checkpoint_dict(
+            self.run.model.to_dict(), self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict(), epoch=self.epoch, best_val_dice=self.keeper.best, step=self.step,
+            top=self.keeper.top, position=self.position, partial=self.partial, run_config=self.run.to_dict(),
+            torch_rng=torch.get_rng_state(), world_size=self.ctx.world_size, versions=package_versions())
 
     def _resume(self) -> None:
         path = self.dir / "last.pth"
@@ -296,7 +295,7 @@ class Trainer:
         skipped_before, t0 = self.skipped, time.time()
         self.resolutions = set()              # of this epoch's steps; both when the phase ends inside it
         bar = tqdm(order[start:], desc=f"epoch {self.epoch + 1}/{tc.epochs}", leave=False,
-                   disable=not self.ctx.is_main or (None if self.progress is None else not self.progress))
+                   disable=not self.ctx.is_main or bar_disabled(self.progress))
         upcoming = order[start:]
         for offset, i in enumerate(bar):
             if offset + 1 < len(upcoming):       # decode the next item while this one trains

@@ -24,7 +24,8 @@ from utils.config import ModelConfig
 from utils.spatial import (SpatialTransformer, compose, integrate_velocity, released_sampling_field, resize_displacement,
                            upsample_displacement_released)
 
-from .blocks import DoubleConv, FlowHead, UpConv, avg_pool2_channels_last
+from .blocks import DoubleConv, FlowHead, UpConv
+from .cpu_kernels import avg_pool2_channels_last
 from .polaca import PoLaCA
 from .registry import register_model
 
@@ -108,8 +109,11 @@ class EstimatorLevel(nn.Module):
         return self.forward_pair([moving, fixed], phi_up, context)
 
     def forward_pair(self, pair: list, phi_up: torch.Tensor | None, context: torch.Tensor | None):
-        """``forward(*pair, phi_up, context)``; without autograd ``pair`` is emptied so that the
-        level's input features are freed as soon as its first convolution has read them."""
+        """``forward(*pair, phi_up, context)`` for ``pair = [moving, fixed]``.
+
+        Consumes its argument: without autograd it empties the list ``pair`` (the caller's
+        list too), so that the level's input features are freed as soon as its first
+        convolution has read them. Pass a list you no longer need."""
         moving, fixed = pair
         if not torch.is_grad_enabled():
             pair.clear()

@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from utils.checkpoint import CheckpointError, load_weights_only, save_checkpoint
+from utils.checkpoint import CheckpointError, checkpoint_dict, load_weights_only, save_checkpoint
 from utils.config import ModelConfig
 
 N_LEVELS = 5
@@ -169,8 +169,8 @@ def load_released(path, window_size=(5, 7, 6), alpha: float = 15.0) -> tuple[dic
     config = infer_config(state, window_size, alpha)
     ours, dropped = convert_released_state(state, config, str(path))
     extra = {k: obj[k] for k in ("epoch",) if isinstance(obj, dict) and isinstance(obj.get(k), (int, float))}
-    return {"format": "plcreg-checkpoint-v1", "model_config": config.to_dict(), "model": ours,
-            "converted_from": str(path), "dropped_released_keys": dropped, **extra}, dropped
+    return checkpoint_dict(config.to_dict(), ours, converted_from=str(path), dropped_released_keys=dropped,
+                           **extra), dropped
 
 
 def convert_released(src, dst, window_size=(5, 7, 6), alpha: float = 15.0) -> tuple[Path, list[str]]:

@@ -24,7 +24,7 @@ import torch
 
 from models import build_model, save_model
 from tests.layouts import AFFINE, quick_overrides, write_ixi, write_oasis
-from utils.config import ModelConfig, RunConfig, apply_override
+from utils.config import RunConfig, apply_override
 from utils.datasets import discover
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -43,9 +43,15 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, write)
 
 
+def checkpoint_dict(model_config: dict, state_dict: dict, **extra) -> dict:
+    """The checkpoint of a model: format tag, ``model_config``, ``model`` (weights) and ``extra``
+    entries (tensors and plain values only, so that it loads with ``weights_only``)."""
+    return {"format": FORMAT, "model_config": model_config, "model": state_dict, **extra}
+
+
 def save_checkpoint(path, model_config: dict, state_dict: dict, **extra) -> Path:
     """Save a checkpoint holding the model configuration, weights and ``extra`` entries."""
-    return atomic_save({"format": FORMAT, "model_config": model_config, "model": state_dict, **extra}, path)
+    return atomic_save(checkpoint_dict(model_config, state_dict, **extra), path)
 
 
 def load_weights_only(path, map_location="cpu", what: str = "checkpoint"):

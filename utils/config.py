@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .losses import SIMILARITIES
+
 
 def _tuple(v):
     return tuple(v) if isinstance(v, (list, tuple)) else v
@@ -185,7 +187,7 @@ class TrainConfig:
     Loss = sim_weight * similarity(warped, fixed) + reg_weight * Grad-l2(u)
            + dice_weight * soft Dice(warped one-hot labels, fixed one-hot labels).
     """
-    similarity: str = "ncc"          # 'ncc', 'mse', 'mind' or 'none'
+    similarity: str = "ncc"          # a name of utils.losses.SIMILARITY_LOSSES ('ncc', 'mse', 'mind') or 'none'
     ncc_window: int = 9
     sim_weight: float = 1.0
     reg_weight: float = 1.0
@@ -221,8 +223,8 @@ class TrainConfig:
         for name in ("sim_weight", "reg_weight", "dice_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.similarity not in ("ncc", "mse", "mind", "none"):
-            raise ValueError(f"TrainConfig.similarity must be ncc, mse, mind or none, got {self.similarity!r}")
+        if self.similarity not in (*SIMILARITIES, "none"):
+            raise ValueError(f"TrainConfig.similarity must be one of {(*SIMILARITIES, 'none')}, got {self.similarity!r}")
         if self.max_bad_steps < 1:
             raise ValueError(f"TrainConfig.max_bad_steps must be >= 1, got {self.max_bad_steps}")
         if not 0.0 <= self.half_res_fraction <= 1.0:

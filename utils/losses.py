@@ -167,6 +167,27 @@ def grad_loss(u: torch.Tensor, penalty: str = "l2") -> torch.Tensor:
 # ---------------------------------------------------------------------------
 # labels
 # ---------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
+# the image similarities by name: one table read by the config check, the training loss and
+# instance optimisation (a new similarity is a function above plus one entry here)
+# ---------------------------------------------------------------------------
+SIMILARITY_LOSSES = {
+    "ncc": lambda pred, target, window: ncc_loss(pred, target, win=window),
+    "mse": lambda pred, target, window: mse_loss(pred, target),
+    "mind": lambda pred, target, window: mind_loss(pred, target),
+}
+SIMILARITIES = tuple(SIMILARITY_LOSSES)
+
+
+def similarity_loss(name: str, window: int = 9):
+    """The similarity ``name`` as ``loss(pred, target)`` (lower is better); ``window`` is the
+    NCC window. ValueError naming the choices for an unknown name."""
+    if name not in SIMILARITY_LOSSES:
+        raise ValueError(f"unknown similarity {name!r}; expected one of {SIMILARITIES}")
+    fn = SIMILARITY_LOSSES[name]
+    return lambda pred, target: fn(pred, target, window)
+
+
 def one_hot(labels: torch.Tensor, label_values) -> torch.Tensor:
     """(B, 1, D, H, W) integer labels -> (B, K, D, H, W) float indicators of ``label_values``."""
     check_volume(labels, "labels")

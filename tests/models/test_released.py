@@ -10,7 +10,7 @@ from models import build_model, load_model
 from models.polaca import PoLaCA, PolarityAttention, window_partition, window_reverse, window_reverse_released
 from models.released import convert_released, convert_released_state, infer_config, load_released
 from tests.helpers import smooth_field, smooth_image
-from tests.released_format import released_shapes, released_state
+from tests.released_format import released_state
 from utils.checkpoint import CheckpointError
 from utils.config import ModelConfig
 from utils.spatial import (released_sampling_field, resize_displacement, upsample_displacement_released, warp)
