@@ -18,7 +18,7 @@ from engine.assembly import assemble_run
 from engine.cli import EXIT_BAD_INPUT
 from engine.compare import compare, parse_method
 from engine.pair_items import csv_items, dataset_items
-from engine.runtime import resolve_device
+from engine.runtime import progress_setting, resolve_device
 from utils.checkpoint import CheckpointError
 from utils.config import PRESETS
 from utils.io import DataError
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
             title = run.data.name
         out = Path(args.output_dir or f"Results/Compare_{'pairs' if args.pairs else args.dataset}")
         result = compare(items, specs, run, out, reference=args.reference, device=device, labels=labels,
-                         title=title, progress=False if args.no_progress else None, overwrite=args.overwrite)
+                         title=title, progress=progress_setting(args), overwrite=args.overwrite)
     except (DataError, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -18,9 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-from engine.infer import infer
-from engine.train import Trainer
 from engine.assembly import assemble_run
+from engine.infer import infer
+from engine.runtime import progress_setting
+from engine.train import Trainer
 from models.registry import DEFAULT_MODEL, MODELS
 from utils.config import RunConfig
 from utils.demo_data import DemoSettings, write_demo_dataset
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
 
     run = demo_run(args)
     print(f"training {run.model.arch} (widths {run.model.widths}) for {args.minutes:g} min on {run.device}")
-    progress = False if args.no_progress else None
+    progress = progress_setting(args)
     try:
         trainer = Trainer(run, progress=progress, overwrite=args.overwrite)
     except DataError as exc:

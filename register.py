@@ -13,6 +13,7 @@ import sys
 
 from engine.cli import EXIT_BAD_INPUT, add_io_arguments, io_settings
 from engine.register import PairFiles, read_pairs_csv, register_files
+from engine.runtime import progress_setting
 from utils.checkpoint import CheckpointError
 from utils.io import DataError
 
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
         pairs = read_pairs_csv(args.pairs) if args.pairs else \
             [PairFiles(args.moving, args.fixed, args.moving_label, args.fixed_label)]
         result = register_files(pairs, args.checkpoint, args.out_dir, io_settings=io, device=args.device,
-                                progress=False if args.no_progress else None, overwrite=args.overwrite)
+                                progress=progress_setting(args), overwrite=args.overwrite)
     except (DataError, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from models.registry import DEFAULT_MODEL, checkpoint_folder, default_config, model_entry
 from utils.config import RunConfig, apply_override, preset
+from utils.datasets import check_layout
 
 SECTIONS = ("data", "model", "train", "eval")
 
@@ -44,6 +45,7 @@ def assemble_run(dataset: str, *, model: str = DEFAULT_MODEL, overrides=(), sett
             raise ValueError(f"unknown setting {key!r}")
         setattr(target, name, value)
     model_entry(run.model.arch)
+    check_layout(run.data.layout)
     return run.validate()
 
 

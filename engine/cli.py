@@ -16,6 +16,7 @@ from utils.config import RunConfig
 from utils.io import DataError
 
 from .assembly import assemble_run, checkpoint_dir, default_checkpoint
+from .runtime import progress_setting
 
 EXIT_BAD_INPUT = 2
 # --freeze choice -> ModelConfig fields switched on
@@ -118,18 +119,25 @@ def _fail(message: str) -> int:
     return EXIT_BAD_INPUT
 
 
-def train_main(dataset: str, argv=None) -> int:
-    args = train_parser(dataset).parse_args(argv)
+def _parse(dataset: str, argv, training: bool):
+    """(args, run), or (None, exit status) after printing the error of a bad setting."""
+    args = (train_parser if training else infer_parser)(dataset).parse_args(argv)
     try:
-        run = build_run(dataset, args, training=True)
+        return args, build_run(dataset, args, training=training)
     except ValueError as exc:
-        return _fail(str(exc))
+        return None, _fail(str(exc))
+
+
+def train_main(dataset: str, argv=None) -> int:
+    args, run = _parse(dataset, argv, training=True)
+    if args is None:
+        return run
     from . import distributed as ddp
     from .train import Trainer, TrainingDiverged, TrainingInterrupted
     trainer = None
     try:
         trainer = Trainer(run, resume=args.resume, overwrite=args.overwrite, init_from=args.init_from,
-                          progress=False if args.no_progress else None)
+                          progress=progress_setting(args))
         trainer.fit()
         if trainer.ctx.distributed:
             sums = ddp.gather_objects(trainer.weights_checksum(), trainer.ctx)
@@ -154,15 +162,13 @@ def train_main(dataset: str, argv=None) -> int:
 
 
 def infer_main(dataset: str, argv=None) -> int:
-    args = infer_parser(dataset).parse_args(argv)
-    try:
-        run = build_run(dataset, args, training=False)
-    except ValueError as exc:
-        return _fail(str(exc))
+    args, run = _parse(dataset, argv, training=False)
+    if args is None:
+        return run
     from .infer import infer
     checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint(run)
     try:
-        result = infer(run, checkpoint, save_nifti=args.save_nifti, progress=False if args.no_progress else None,
+        result = infer(run, checkpoint, save_nifti=args.save_nifti, progress=progress_setting(args),
                        figures=args.figures, overwrite=args.overwrite)
     except (DataError, CheckpointError, ValueError) as exc:
         return _fail(str(exc))

@@ -82,6 +82,12 @@ def provenance(device=None) -> dict:
     return out
 
 
+def progress_setting(args) -> bool | None:
+    """The ``progress`` setting of a command line with ``--no-progress``: False when given, else
+    None (automatic: bars on a terminal)."""
+    return False if getattr(args, "no_progress", False) else None
+
+
 def bar_disabled(progress: bool | None) -> bool | None:
     """tqdm's ``disable`` for a ``progress`` setting: None (auto: a bar on a terminal), or its negation."""
     return None if progress is None else not progress

@@ -12,48 +12,17 @@ Nothing of the released code is copied: it is imported from the given folder.
 """
 import argparse
 import sys
-import types
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.released_code import released_network, released_spatial_transformer  # noqa: E402
 from models import build_model  # noqa: E402
 from models.released import convert_released_state, infer_config  # noqa: E402
 from utils.spatial import released_sampling_field, warp  # noqa: E402
-
-
-def _stand_ins() -> None:
-    """Modules the released code imports but does not need here: timm's three helpers (its
-    drop path is 0, so an identity) and ``Model.PolaSA`` (imported, never used)."""
-    try:
-        import timm.layers  # noqa: F401
-    except ImportError:
-        layers = types.ModuleType("timm.layers")
-        layers.DropPath = lambda p=0.0: nn.Identity()
-        layers.to_3tuple = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
-        layers.trunc_normal_ = lambda t, std=1.0: nn.init.trunc_normal_(t, std=std)
-        sys.modules["timm"] = types.ModuleType("timm")
-        sys.modules["timm.layers"] = layers
-    sys.modules.setdefault("Model.PolaSA", types.SimpleNamespace(PolaSA=None))
-
-
-def released_network(code: Path, size):
-    """The released PolaReg (OASIS config) for inputs of ``size`` (its attention sizes are fixed)."""
-    sys.path.insert(0, str(code))
-    _stand_ins()
-    import Model.PolaReg as released
-    from Model.PolaCA import PolaCA
-    net = released.PolaReg(None)
-    config = released.configs.get_PolaReg_OASIS_config()
-    for lvl in (2, 3, 4, 5):
-        level_size = tuple(n // 2 ** (lvl - 1) for n in size)
-        setattr(net, f"corr_{lvl}", PolaCA(config, pretrain_img_size=level_size, dim_diy=16 * 2 ** (lvl - 1),
-                                           attn_mix=config.attn_mix[lvl - 2]))
-    return net
 
 
 def main(argv=None) -> int:
@@ -77,7 +46,6 @@ def main(argv=None) -> int:
     converted, dropped = convert_released_state(state, config)
     ours.load_state_dict(converted, strict=True)
     moving, fixed = torch.rand(1, 1, *args.size), torch.rand(1, 1, *args.size)
-    from Model.STN import SpatialTransformer
     print(f"released parameters {sum(t.numel() for t in state.values()):,}, ours "
           f"{sum(p.numel() for p in ours.parameters()):,} ({len(dropped)} unused tensors dropped)")
     print("| precision | max abs field (voxels) | mean abs field | max |Δu| | max |Δ warped image| | max |image| |")
@@ -89,7 +57,7 @@ def main(argv=None) -> int:
         with torch.no_grad():
             u_rel = net(m, f)
             u_ours = ours(m, f)
-            stn = SpatialTransformer(args.size).to(dtype)
+            stn = released_spatial_transformer(args.size).to(dtype)
             stn.grid = stn.grid.to(dtype)
             warped_rel = stn(m, u_rel)
             warped_ours = warp(m, u_ours)

@@ -123,7 +123,6 @@ LPBA40_LABELS = (21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 41, 42,
 IXI_LABELS = (2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 28, 31, 41, 42, 43, 46, 47, 49, 50, 51, 52, 53,
               54, 60, 63)
 SRREG_LABELS = (2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 26, 28)
-LAYOUTS = ("oasis", "lpba40", "ixi", "abdomenctct", "srreg")
 
 
 @dataclass
@@ -132,7 +131,7 @@ class DataConfig:
 
     Attributes:
         name: data set name (used for folders such as Checkpoint/<name>).
-        layout: on-disk layout, one of LAYOUTS (README, "Data sets").
+        layout: on-disk layout, a reader of ``utils.datasets.LAYOUT_READERS`` (README, "Data sets").
         root: data set folder (``--data-root`` overrides).
         labels: label values scored by Dice/HD95 (background excluded).
         image_size: the data set's volume size (D, H, W), for reference and benchmarks.
@@ -168,8 +167,8 @@ class DataConfig:
         self.labels = tuple(int(v) for v in _tuple(self.labels))
         self.image_size = _tuple(self.image_size)
         self.ct_window = _tuple(self.ct_window)
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"DataConfig.layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if not isinstance(self.layout, str) or not self.layout:
+            raise ValueError(f"DataConfig.layout must name a data set reader, got {self.layout!r}")
         for norm in (self.normalisation, self.fixed_normalisation or "none"):
             if norm not in ("minmax", "ct", "percentile", "none"):
                 raise ValueError(f"DataConfig: unknown normalisation {norm!r} (minmax, ct, percentile, none)")
@@ -396,4 +395,4 @@ def _parse_like(current, text: str, key: str):
 
 
 __all__ = ["ModelConfig", "DataConfig", "TrainConfig", "EvalConfig", "RunConfig", "PRESETS", "preset",
-           "apply_override", "architecture_fields", "LAYOUTS"]
+           "apply_override", "architecture_fields"]

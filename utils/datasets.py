@@ -122,6 +122,17 @@ def _holdout(train: list[Side], n: int, seed: int) -> tuple[list[Side], list[Sid
 
 
 def read_oasis(cfg: DataConfig, root: Path, seed: int) -> DatasetIndex:
+    """OASIS (and the demo data set), atlas-based::
+
+        <root>/fixed.nii.gz                         the atlas image
+        <root>/Train/OASIS_0001_0000.nii.gz ...     training subjects
+        <root>/Test/OASIS_0400_0000.nii.gz ...      test subjects
+        <root>/label/<same file names>              their label maps; the atlas's is
+                                                    label/<cfg.atlas_label> (OASIS_0395_0000.nii.gz)
+
+    Subjects are named by the first 10 characters of the file name; ``cfg.val_subjects``
+    training subjects are held out (seeded) for validation.
+    """
     label_dir = _require_dir(root / "label", "label")
 
     def side(img: Path) -> Side:
@@ -137,6 +148,16 @@ def read_oasis(cfg: DataConfig, root: Path, seed: int) -> DatasetIndex:
 
 
 def read_lpba40(cfg: DataConfig, root: Path, seed: int) -> DatasetIndex:
+    """LPBA40, atlas-based (atlas S01)::
+
+        <root>/delineation_l_norm/fixed.nii.gz                             the atlas image
+        <root>/delineation_l_norm/train/S11.delineation.skullstripped.nii.gz ...
+        <root>/delineation_l_norm/test/S02.delineation.skullstripped.nii.gz ...
+        <root>/label/S01.delineation.structure.label.nii.gz ...            label maps by subject id
+
+    The subject id is the file name up to its first dot; ``cfg.val_subjects`` training
+    subjects are held out (seeded).
+    """
     img_dir = _require_dir(root / "delineation_l_norm", "delineation_l_norm")
     label_dir = _require_dir(root / "label", "label")
 
@@ -154,6 +175,16 @@ def read_lpba40(cfg: DataConfig, root: Path, seed: int) -> DatasetIndex:
 
 
 def read_ixi(cfg: DataConfig, root: Path, seed: int) -> DatasetIndex:
+    """IXI (the TransMorph release), atlas-based::
+
+        <root>/atlas.pkl                      the atlas
+        <root>/Train/subject_0.pkl ...        training subjects
+        <root>/Val/...                        validation subjects (optional: else held out)
+        <root>/Test/...                       test subjects
+
+    Each pickle holds ``(image, label)`` numpy arrays, read by a restricted unpickler
+    (``utils.io.load_pickle_pair``) with an identity affine.
+    """
     def sides(folder: str) -> list[Side]:
         return [Side(_nii_stem(p), str(p), str(p), "pickle") for p in _files(root / folder, "*.pkl", folder)]
 
@@ -167,6 +198,15 @@ def read_ixi(cfg: DataConfig, root: Path, seed: int) -> DatasetIndex:
 
 
 def read_abdomenctct(cfg: DataConfig, root: Path, seed: int) -> DatasetIndex:
+    """AbdomenCTCT (Learn2Reg), pairs of subjects::
+
+        <root>/imagesTr/AbdomenCTCT_0001_0000.nii.gz ...   CT images
+        <root>/labelsTr/<same file names>                   their label maps
+        <root>/imagesTs/..., labelsTs/...                   used when labelled
+
+    The labelled subjects, sorted, give ``cfg.n_train`` training then ``cfg.n_test`` test
+    subjects; pairs are every ordered pair within a split.
+    """
     labelled = []
     for img_dir, lab_dir in (("imagesTr", "labelsTr"), ("imagesTs", "labelsTs")):
         if img_dir == "imagesTs" and not (root / lab_dir).is_dir():
@@ -186,6 +226,14 @@ def read_abdomenctct(cfg: DataConfig, root: Path, seed: int) -> DatasetIndex:
 
 
 def read_srreg(cfg: DataConfig, root: Path, seed: int) -> DatasetIndex:
+    """SR-Reg, CT (moving) to MR (fixed) of the same subject::
+
+        <root>/vol/1BA001_ct.nii.gz, vol/1BA001_mr.nii.gz ...   the two images of each subject
+        <root>/seg/1BA001.nii.gz ...                             one segmentation for both
+
+    The first ``cfg.n_train`` subjects (sorted) train, the rest (or the next ``cfg.n_test``)
+    test; the MR is normalised as the fixed modality (``cfg.fixed_normalisation``).
+    """
     vol_dir = _require_dir(root / "vol", "vol")
     seg_dir = _require_dir(root / "seg", "seg")
     subjects, partner = [], {}
@@ -204,15 +252,24 @@ def read_srreg(cfg: DataConfig, root: Path, seed: int) -> DatasetIndex:
     return DatasetIndex(cfg, train, val, test, partner=partner)
 
 
+# the one place a new data set layout is added: its reader above, one entry here, and a preset
+# in utils/config.py (README, "Adding a data set")
 LAYOUT_READERS = {"oasis": read_oasis, "lpba40": read_lpba40, "ixi": read_ixi,
                   "abdomenctct": read_abdomenctct, "srreg": read_srreg}
 
 
 def discover(cfg: DataConfig, root: str | Path | None = None, seed: int = 0) -> DatasetIndex:
     """List a data set's subjects and splits from its folder (``cfg.root`` unless ``root``)."""
+    check_layout(cfg.layout)
     root = Path(root or cfg.root)
     _require_dir(root, f"{cfg.name} data set")
     return LAYOUT_READERS[cfg.layout](cfg, root, seed)
+
+
+def check_layout(layout: str) -> None:
+    """ValueError unless ``layout`` names a reader of LAYOUT_READERS."""
+    if layout not in LAYOUT_READERS:
+        raise ValueError(f"data.layout must be one of {sorted(LAYOUT_READERS)}, got {layout!r}")
 
 
 # ---------------------------------------------------------------------------
