@@ -6,7 +6,6 @@ import torch.nn as nn
 from utils.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from utils.config import ModelConfig, architecture_fields
 
-from . import voxelmorph_adapter  # noqa: F401  (registers 'voxelmorph')
 from .plcreg import PLCReg
 from .registry import model_entry
 
