@@ -212,10 +212,11 @@ def test_inference_path_matches_the_autograd_path(chunk, monkeypatch):
     assert (fast - plain).abs().max().item() < 1e-4
 
 
-def test_compiled_network_matches_the_plain_path(tmp_path, monkeypatch):
+def test_compiled_network_matches_the_plain_path():
     """torch.compile (engine.runtime.compile_model) traces the inference path as one graph,
-    convolutions kept as oneDNN calls, and gives the autograd path's field (|du| < 1e-4)."""
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    convolutions kept as oneDNN calls, and gives the autograd path's field (|du| < 1e-4).
+    Compiled kernels land in torch's own cache (keyed by graph and source), so only the first
+    run on a machine pays for compiling them (about 2.5 minutes on 2 cores, then 17 s)."""
     model, moving, fixed, plain = _model_pair_and_plain_field()
     torch._dynamo.reset()
     with torch.inference_mode():
