@@ -54,7 +54,9 @@ def train_parser(dataset: str) -> argparse.ArgumentParser:
                        f"{e.name} = {e.display}" + (f", needs {e.requires}" if e.requires else "")
                        for e in MODELS.values()) + f"; other than {DEFAULT_MODEL} the default checkpoint folder "
                    f"is Checkpoint/{dataset}_<model>")
-    p.add_argument("--amp", action="store_true", help="CUDA mixed precision (bf16, or fp16 with a grad scaler)")
+    p.add_argument("--amp", action="store_true", help="mixed precision: bf16 on CPUs with native bf16 (AMX or "
+                                                      "AVX-512-bf16) and on GPUs that have it, else fp16 with a grad "
+                                                      "scaler on GPUs; float32 on other CPUs (said on the console)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute each level in backward (less memory)")
     return p
 
@@ -69,7 +71,9 @@ def infer_parser(dataset: str) -> argparse.ArgumentParser:
     p.add_argument("--save-nifti", action="store_true", help="write warped image, warped label and displacement")
     p.add_argument("--label-interpolation", choices=["nearest", "onehot"])
     p.add_argument("--hd95-mm", action="store_true", help="HD95 in mm (image spacing) instead of voxels")
-    p.add_argument("--amp", action="store_true", help="CUDA mixed precision for the network")
+    p.add_argument("--amp", action="store_true", help="mixed precision for the network: bf16 on CPUs with native "
+                                                      "bf16 (AMX or AVX-512-bf16) and on GPUs; float32 elsewhere. "
+                                                      "Fields, warping and metrics stay float32")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (the first pair compiles: up to 1.5 minutes on 2 CPU cores)")
     p.add_argument("--figures", action="store_true", help="write figures into <output-dir>/figures")

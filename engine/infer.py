@@ -27,8 +27,8 @@ from .assembly import output_dir
 from .evaluate import evaluate_pair, format_summary_table, label_dice, summarise, write_results
 from .instance_opt import io_similarity, refine_for_run
 from .report import inference_figures
-from .runtime import (amp_dtype, autocast, bar_disabled, compile_model, limit_heap_retention, provenance,
-                      resolve_device, synchronize)
+from .runtime import (amp_dtype, autocast, bar_disabled, compile_model, limit_heap_retention, precision_name,
+                      provenance, resolve_device, synchronize)
 
 
 def save_pair_outputs(out_dir: Path, name: str, fixed_volume, warped: torch.Tensor, u: torch.Tensor,
@@ -128,7 +128,9 @@ def infer(run: RunConfig, checkpoint, *, save_nifti: bool = False, progress: boo
             save_pair_outputs(out_dir / "nifti", pair.name, t["fixed_volume"], warp(t["moving"], u), u,
                               warped_label)
     summary = summarise(rows)
+    precision = precision_name(amp_dtype(device, run.eval.amp)) if model is not None else "fp32"
     meta = {"dataset": run.data.name, "checkpoint": str(checkpoint) if checkpoint else None, **provenance(device),
+            "precision": precision,
             "label_interpolation": run.eval.label_interpolation,
             "hd95_units": "mm" if run.eval.hd95_spacing else "voxels", "config": run.to_dict(),
             "model_config": model.config.to_dict() if model is not None else None,
@@ -142,6 +144,8 @@ def infer(run: RunConfig, checkpoint, *, save_nifti: bool = False, progress: boo
         paths["figures"] = inference_figures(out_dir / "figures", first, rows, labels, log)
     folder.finish(log=print)
     method = display_name(model.config.arch) if model is not None else "no network"
+    if precision != "fp32":
+        method += f" in {precision}"
     if run.eval.io_steps:
         method += f" + {run.eval.io_steps} IO steps"
     table = format_summary_table(summary, f"{run.data.name}: {len(rows)} test pairs, {method} "

@@ -96,17 +96,44 @@ def bar_disabled(progress: bool | None) -> bool | None:
 _warned: set[str] = set()
 
 
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        print(message, file=sys.stderr)
+        _warned.add(key)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes bf16 matrix products natively (AMX or AVX-512-bf16) and
+    PyTorch's oneDNN can use them; elsewhere bf16 would be emulated and slower than float32."""
+    flags = cpu_features()
+    if not ({"amx_bf16", "avx512_bf16"} & flags) or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """Autocast dtype for mixed precision: bf16 on CUDA where supported, else fp16; None when
-    disabled or not on CUDA (a CPU request is ignored with a warning)."""
+    """Autocast dtype for mixed precision, or None for float32.
+
+    CUDA: bf16 where supported, else fp16. CPU: bf16 where the CPU has native bf16
+    (``cpu_has_native_bf16``); elsewhere float32, said once on the console.
+    """
     if not enabled:
         return None
-    if device.type != "cuda":
-        if "amp" not in _warned:
-            print("warning: --amp applies to CUDA only; running in float32 on the CPU", file=sys.stderr)
-            _warned.add("amp")
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    _warn_once("amp", f"warning: --amp: this CPU ({cpu_name()}) has no native bf16 (AMX or AVX-512-bf16); "
+                      f"running in float32")
+    return None
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """How a run's network computed: 'fp32', or 'bf16'/'fp16' mixed precision."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

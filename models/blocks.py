@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .cpu_kernels import _onednn_applies, channels_last, instance_norm_relu_, onednn_conv3d
+from .cpu_kernels import (_HAS_ONEDNN, _onednn_applies, channels_last, cpu_bf16_autocast, instance_norm_relu_,
+                          onednn_conv3d, onednn_conv3d_bf16)
 
 
 class Conv3d(nn.Conv3d):
@@ -17,9 +18,15 @@ class Conv3d(nn.Conv3d):
     PyTorch picks its native ``slow_conv3d`` kernel for single-sample volumes with
     batch * channels * D * H <= 20480 (a heuristic made for 2D), about 10x slower on
     the small volumes of quick runs and on the coarse levels. Same weights, same result.
-    Without autograd it takes and returns channels-last (see :func:`channels_last`). Under
+    Without autograd it takes and returns channels-last (see :func:`channels_last`); under
+    ``torch.autocast("cpu", dtype=torch.bfloat16)`` it then computes in bf16. Under
     ``torch.compile`` the call goes through the :func:`onednn_conv3d` operator.
     """
+
+    def _bf16_inference(self, x: torch.Tensor) -> bool:
+        return (_HAS_ONEDNN and x.device.type == "cpu" and not torch.is_grad_enabled() and cpu_bf16_autocast()
+                and self.padding_mode == "zeros" and isinstance(self.padding, tuple)
+                and torch.backends.mkldnn.enabled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with(x, self.weight, self.bias)
@@ -30,6 +37,8 @@ class Conv3d(nn.Conv3d):
             if _onednn_applies(x, self.padding_mode, self.padding):
                 return onednn_conv3d(x, weight, bias, list(self.padding), list(self.stride),
                                      list(self.dilation), self.groups)
+        elif self._bf16_inference(x):
+            return onednn_conv3d_bf16(x, weight, bias, self.padding, self.stride, self.dilation, self.groups)
         elif _onednn_applies(x, self.padding_mode, self.padding) and torch.backends.mkldnn.enabled:
             if torch.is_grad_enabled():
                 return torch.mkldnn_convolution(x, weight, bias, self.padding, self.stride, self.dilation, self.groups)
@@ -105,10 +114,19 @@ class UpConv(_LayerNormAct):
 
 
 class FlowHead(Conv3d):
-    """3^3 conv to a 3-channel displacement, weights N(0, 1e-5) and zero bias (near-identity start)."""
+    """3^3 conv to a 3-channel displacement, weights N(0, 1e-5) and zero bias (near-identity start).
+
+    Always computes in float32 (under mixed precision too): fields are summed over levels and
+    warp with sub-voxel precision."""
 
     def __init__(self, in_channels: int):
         super().__init__(in_channels, 3, 3, padding=1)
         with torch.no_grad():
             self.weight.normal_(0.0, 1e-5)
             self.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)

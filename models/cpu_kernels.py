@@ -6,6 +6,7 @@ float64); they exist for speed and memory on the CPU, never for other results.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -66,6 +67,21 @@ def avg_pool2_channels_last(x: torch.Tensor) -> torch.Tensor:
 _HAS_ONEDNN = torch.backends.mkldnn.is_available()
 
 
+def cpu_bf16_autocast() -> bool:
+    """True inside ``torch.autocast("cpu", dtype=torch.bfloat16)``."""
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def onednn_conv3d_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding, stride, dilation,
+                       groups: int) -> torch.Tensor:
+    """A oneDNN convolution in bf16, channels-last in and out (inference under CPU autocast):
+    input and weights rounded to bf16, products accumulated in float32 by oneDNN, output bf16."""
+    bf16 = torch.bfloat16
+    y = torch.mkldnn_convolution(channels_last(x.to(bf16)), weight.to(bf16), None if bias is None else bias.to(bf16),
+                                 padding, stride, dilation, groups)
+    return channels_last(y)
+
+
 def _onednn_applies(x: torch.Tensor, padding_mode: str, padding) -> bool:
     """Whether a convolution with this input and padding can go to oneDNN directly."""
     return (_HAS_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and padding_mode == "zeros"
@@ -88,10 +104,11 @@ def _voxels_by_channels(x: torch.Tensor) -> torch.Tensor | None:
 def _sum_over_voxels(f: torch.Tensor, squares: bool = False) -> torch.Tensor:
     """Per-channel sum (of squares) of f (B, N, C) in float64 (B, C): float32 sums within
     blocks of ``_STAT_BLOCK`` voxels (and the remainder), float64 across them."""
-    def part(t: torch.Tensor, dim: int) -> torch.Tensor:
+    def part(t: torch.Tensor, dim: int) -> torch.Tensor:       # block sums accumulate in float32 at least
+        acc = torch.promote_types(t.dtype, torch.float32)
         if squares:
-            return torch.linalg.vector_norm(t, 2, dim=dim).double().square_()
-        return t.sum(dim=dim).double()
+            return torch.linalg.vector_norm(t, 2, dim=dim, dtype=acc).double().square_()
+        return t.sum(dim=dim, dtype=acc).double()
 
     n = f.shape[1]
     blocks = n // _STAT_BLOCK
@@ -101,14 +118,32 @@ def _sum_over_voxels(f: torch.Tensor, squares: bool = False) -> torch.Tensor:
     return total
 
 
+def _instance_norm_relu_bf16(x: torch.Tensor, f: torch.Tensor, eps: float) -> torch.Tensor:
+    """bf16 (B, C, D, H, W): statistics from float32 block sums of x and x**2 (float64 across
+    blocks), applied by PyTorch's fused inference batch norm per sample (its bf16 channels-last
+    kernel is several times faster than in-place bf16 arithmetic). Returns a new tensor for
+    one sample, writes in place for several."""
+    n = f.shape[1]
+    mean = _sum_over_voxels(f) / n
+    var = (_sum_over_voxels(f, squares=True) / n - mean.square()).clamp_min(0.0)
+    if x.shape[0] == 1:
+        return F.batch_norm(x, mean[0].float(), var[0].float(), training=False, eps=eps).relu_()
+    for b in range(x.shape[0]):
+        x[b:b + 1].copy_(F.batch_norm(x[b:b + 1], mean[b].float(), var[b].float(), training=False, eps=eps).relu_())
+    return x
+
+
 def instance_norm_relu_(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """In place: ReLU(InstanceNorm(x)) over the spatial axes of (B, C, D, H, W), no affine.
 
     The same values as ``nn.InstanceNorm3d`` + ``nn.ReLU`` without a second full-size tensor;
     for inference only (it overwrites its input, which autograd may need). Contiguous and
-    channels-last inputs keep their layout.
+    channels-last inputs keep their layout. A single bf16 sample is normalised into a new
+    tensor (``_instance_norm_relu_bf16``): use the returned tensor.
     """
     f = _voxels_by_channels(x)
+    if f is not None and x.dtype == torch.bfloat16:
+        return _instance_norm_relu_bf16(x, f, eps)
     if f is None:
         var, mean = torch.var_mean(x, dim=(2, 3, 4), unbiased=False, keepdim=True)
         return x.sub_(mean).mul_(torch.rsqrt(var + eps)).relu_()

@@ -201,7 +201,7 @@ class TrainConfig:
     val_max_pairs: int = 0           # validation pairs per epoch (0 = all)
     keep_top_k: int = 3              # dsc0.xxxx_ep0000 checkpoints kept
     max_minutes: float = 0.0         # stop training after this wall time (0 = no limit)
-    amp: bool = False                # CUDA mixed precision (bf16 where supported, else fp16 + grad scaler)
+    amp: bool = False                # mixed precision: bf16 (CPUs with native bf16, GPUs), else fp16 + grad scaler on GPUs
     max_bad_steps: int = 5           # non-finite losses in a row before the run stops
     half_res_fraction: float = 0.0   # first part of the run (of max_minutes, else of epochs) trained on
                                      # inputs average-pooled by 2: about 8x cheaper steps on a CPU
@@ -238,7 +238,7 @@ class EvalConfig:
     label_interpolation: str = "nearest"   # 'nearest' or 'onehot'
     hd95_spacing: bool = False             # HD95 in mm (image spacing) instead of voxels
     max_pairs: int = 0                     # test pairs evaluated (0 = all)
-    amp: bool = False                      # CUDA mixed precision for the network (fields returned in fp32)
+    amp: bool = False                      # mixed precision for the network (bf16 on native-bf16 CPUs; fields fp32)
     compile: bool = False                  # torch.compile the network (fixed shapes; compiles on the first pair)
     # instance optimisation (engine/instance_opt.py): refine each pair's field on its own
     # unsupervised loss (the run's similarity; MIND when training used labels only)
