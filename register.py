@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace the results of a previous run in --out-dir")
+    p.add_argument("--export", default="", help="also write the field for other tools: l2r (Learn2Reg's "
+                                                "disp_<fixed>_<moving>.nii.gz)")
     add_io_arguments(p)
     args = p.parse_args(argv)
     if bool(args.pairs) == bool(args.moving or args.fixed):
@@ -41,7 +43,8 @@ def main(argv=None) -> int:
         pairs = read_pairs_csv(args.pairs) if args.pairs else \
             [PairFiles(args.moving, args.fixed, args.moving_label, args.fixed_label)]
         result = register_files(pairs, args.checkpoint, args.out_dir, io_settings=io, device=args.device,
-                                progress=progress_setting(args), overwrite=args.overwrite)
+                                progress=progress_setting(args), overwrite=args.overwrite,
+                                exports=[e for e in args.export.split(",") if e])
     except (DataError, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -77,6 +77,8 @@ def infer_parser(dataset: str) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (the first pair compiles: up to 1.5 minutes on 2 CPU cores)")
     p.add_argument("--figures", action="store_true", help="write figures into <output-dir>/figures")
+    p.add_argument("--l2r-out", help="also write each field as Learn2Reg's disp_<fixed>_<moving>.nii.gz "
+                                     "((D, H, W, 3) voxels on the fixed grid) into this folder")
     add_io_arguments(p)
     return p
 
@@ -173,7 +175,7 @@ def infer_main(dataset: str, argv=None) -> int:
     checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint(run)
     try:
         result = infer(run, checkpoint, save_nifti=args.save_nifti, progress=progress_setting(args),
-                       figures=args.figures, overwrite=args.overwrite)
+                       figures=args.figures, overwrite=args.overwrite, l2r_out=args.l2r_out)
     except (DataError, CheckpointError, ValueError) as exc:
         return _fail(str(exc))
     print(result["table"])

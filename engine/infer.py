@@ -24,6 +24,7 @@ from utils.spatial import warp
 from utils.metrics import jacobian_stats
 
 from .assembly import output_dir
+from .exports import write_l2r
 from .evaluate import evaluate_pair, format_summary_table, label_dice, summarise, write_results
 from .instance_opt import io_similarity, refine_for_run
 from .report import inference_figures
@@ -75,7 +76,7 @@ def register_tensors(model, run: RunConfig, moving: torch.Tensor, fixed: torch.T
 
 def infer(run: RunConfig, checkpoint, *, save_nifti: bool = False, progress: bool | None = None,
           index: DatasetIndex | None = None, model=None, figures: bool = False, train_log=None,
-          overwrite: bool = False) -> dict:
+          overwrite: bool = False, l2r_out=None) -> dict:
     """Evaluate a checkpoint (or a given model) on the data set's test pairs.
 
     Returns {"rows", "summary", "paths", "table"}; writes per_case.csv, summary.csv and
@@ -83,9 +84,11 @@ def infer(run: RunConfig, checkpoint, *, save_nifti: bool = False, progress: boo
     ``figures/`` with ``figures``: panels, grid and Jacobian of the first pair, Dice per
     structure, and training curves from ``train_log`` or the checkpoint's folder). An output
     folder that holds an earlier run's results is refused unless ``overwrite``; with it, the
-    earlier files that this run does not rewrite are removed at the end.
+    earlier files that this run does not rewrite are removed at the end. With ``l2r_out``, each
+    pair's field is also written there in Learn2Reg's format (``engine/exports.py``).
     """
     folder = ResultFolder.claim(output_dir(run), overwrite)
+    l2r_folder = ResultFolder.claim(l2r_out, overwrite) if l2r_out else None
     device = resolve_device(run.device)
     limit_heap_retention()
     if no_network(checkpoint):
@@ -124,6 +127,8 @@ def infer(run: RunConfig, checkpoint, *, save_nifti: bool = False, progress: boo
             row["pct_nonpos_jac_before_io"] = jacobian_stats(before)["pct_nonpos_jac"]
             row["io_seconds"] = info["io_seconds"]
         rows.append({"case": pair.name, "moving": pair.moving.image, "fixed": pair.fixed.image, **row})
+        if l2r_out:
+            write_l2r(l2r_out, pair.fixed.image, pair.moving.image, u, t["fixed_volume"])
         if save_nifti:
             save_pair_outputs(out_dir / "nifti", pair.name, t["fixed_volume"], warp(t["moving"], u), u,
                               warped_label)
@@ -142,7 +147,9 @@ def infer(run: RunConfig, checkpoint, *, save_nifti: bool = False, progress: boo
         log = train_log or (Path(checkpoint).parent / "train_log.csv" if checkpoint and not no_network(checkpoint)
                             else None)
         paths["figures"] = inference_figures(out_dir / "figures", first, rows, labels, log)
-    folder.finish(log=print)
+    for claimed in (folder, l2r_folder):
+        if claimed is not None:
+            claimed.finish(log=print)
     method = display_name(model.config.arch) if model is not None else "no network"
     if precision != "fp32":
         method += f" in {precision}"

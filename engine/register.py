@@ -29,10 +29,12 @@ from utils.resample import grid_overlap, resample_to_grid, same_grid
 from utils.spatial import warp, warp_labels
 
 from .evaluate import evaluate_pair, format_summary_table, summarise, write_results
+from .exports import write_l2r
 from .infer import no_network, register_tensors, save_pair_outputs
 from .runtime import bar_disabled, limit_heap_retention, provenance, resolve_device
 
 PAIR_COLUMNS = ("moving", "fixed", "moving_label", "fixed_label", "name")
+EXPORTS = ("l2r",)
 
 
 @dataclass
@@ -151,11 +153,15 @@ def run_config_of(ckpt: dict | None) -> RunConfig:
 
 def register_files(pairs: list[PairFiles], checkpoint, out_dir, *, run: RunConfig | None = None,
                    io_settings: dict | None = None, device: str = "auto", progress: bool | None = None,
-                   log=print, overwrite: bool = False) -> dict:
+                   log=print, overwrite: bool = False, exports=()) -> dict:
     """Register every pair and write its outputs; returns {"rows", "summary", "paths", "table"}.
 
-    ``out_dir`` holding an earlier run's results is refused unless ``overwrite``.
+    ``out_dir`` holding an earlier run's results is refused unless ``overwrite``. ``exports``
+    may hold ``'l2r'``: the field also as Learn2Reg's ``disp_<fixed>_<moving>.nii.gz``.
     """
+    unknown = set(exports) - set(EXPORTS)
+    if unknown:
+        raise ValueError(f"--export {','.join(sorted(unknown))}: expected one of {', '.join(EXPORTS)}")
     folder = ResultFolder.claim(out_dir, overwrite)
     device = resolve_device(device)
     limit_heap_retention()
@@ -188,6 +194,8 @@ def register_files(pairs: list[PairFiles], checkpoint, out_dir, *, run: RunConfi
         if ml is not None:
             wl = warped_label if warped_label is not None else warp_labels(ml, u, run.eval.label_interpolation)
         save_pair_outputs(out_dir, files.case, p["fixed_volume"], warped, u, wl)
+        if "l2r" in exports:
+            write_l2r(out_dir, files.fixed, files.moving, u, p["fixed_volume"])
         rows.append({"case": files.case, "moving": files.moving, "fixed": files.fixed, **row,
                      "notes": "; ".join(p["notes"])})
     summary = summarise(rows)

@@ -175,5 +175,12 @@ def test_inference_takes_its_default_checkpoint_from_the_checkpoint_folder(oasis
         assert infer_main("OASIS", ["--data-root", str(oasis), "--output-dir", str(out), "--max-pairs", "1",
                                     "--no-progress", *_sets("OASIS"), *given]) == 0
         assert json.loads((out / "summary.json").read_text())["checkpoint"] == str(folder / "best.pth")
+    # --l2r-out: one Learn2Reg field per pair, (D, H, W, 3) on the fixed (atlas) grid
+    assert infer_main("OASIS", ["--data-root", str(oasis), "--output-dir", str(tmp_path / "out_l2r"), "--max-pairs",
+                                "1", "--no-progress", *_sets("OASIS"), "--checkpoint", str(tmp_path / "ck0" / "best.pth"),
+                                "--l2r-out", str(tmp_path / "l2r")]) == 0
+    written = list((tmp_path / "l2r").glob("disp_*.nii.gz"))
+    atlas = nib.load(str(oasis / "fixed.nii.gz"))
+    assert len(written) == 1 and nib.load(str(written[0])).shape == (*atlas.shape, 3)
     assert infer_main("OASIS", ["--data-root", str(oasis), "--output-dir", str(tmp_path / "out9"), *_sets("OASIS"),
                                 "--checkpoint-dir", str(tmp_path / "empty")]) == 2
