@@ -2,8 +2,9 @@
 
 Every entry point (``Train_<Set>.py``/``Infer_<Set>.py``, ``compare.py``, ``demo.py``, the
 benchmarks) calls ``assemble_run``: the preset of the data set, the network's registry
-defaults, ``section.field=value`` overrides, then explicit settings; the default checkpoint
-and output folders are filled in; the result is validated before any data is read.
+defaults, ``section.field=value`` overrides, then explicit settings; the result is validated
+before any data is read. Unset checkpoint and output folders are derived where they are used
+(``checkpoint_dir``, ``output_dir`` below).
 """
 from __future__ import annotations
 
@@ -32,8 +33,6 @@ def assemble_run(dataset: str, *, model: str = DEFAULT_MODEL, overrides=(), sett
     model_entry(model)
     if model != DEFAULT_MODEL:
         run.model = default_config(model)
-    run.checkpoint_dir = checkpoint_folder(run.data.name, model)
-    run.output_dir = f"Results/{run.data.name}"
     for assignment in overrides:
         apply_override(run, assignment)
     for key, value in (settings or {}).items():

@@ -276,8 +276,8 @@ def compare(items, specs: list[MethodSpec], run: RunConfig, out_dir, *, referenc
         paths["boxplot"] = figures.methods_boxplot(per_structure, labels, out_dir / "figures" / "dice_per_structure.png",
                                                    f"Dice per structure over {len(items)} pairs")
     write_text(out_dir / "comparison.json", json.dumps(
-        {"methods": [vars(s) for s in specs], "skipped": skipped, "reference": reference, **provenance(device), "config": run.to_dict(), "table": table_rows,
-         "pvalues": tests}, indent=2, default=str))
+        {"methods": [vars(s) for s in specs], "skipped": skipped, "reference": reference, **provenance(device),
+         "config": run.to_dict(), "table": table_rows, "pvalues": tests}, indent=2, default=str))
     folder.finish(log=log)
     return {"results": results, "skipped": skipped, "table": table, "pvalues": tests,
             "pvalue_table": pvalue_markdown(tests), "paths": paths, "reference": reference}

@@ -1,6 +1,7 @@
 """Run-time helpers: device choice, seeding, provenance (command and package versions)."""
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import random
@@ -49,8 +50,9 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [sys.executable.split("/")[-1], *sys.argv])
 
 
+@functools.lru_cache(maxsize=None)
 def _cpuinfo(key: str) -> str:
-    """The first value of ``key`` in /proc/cpuinfo ('' where it is missing)."""
+    """The first value of ``key`` in /proc/cpuinfo ('' where it is missing); read once per key."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .cpu_kernels import (_HAS_ONEDNN, _onednn_applies, channels_last, cpu_bf16_autocast, instance_norm_relu_,
+from .cpu_kernels import (_onednn_applies, _onednn_supports, channels_last, cpu_bf16_autocast, instance_norm_relu_,
                           onednn_conv3d, onednn_conv3d_bf16)
 
 
@@ -24,9 +24,8 @@ class Conv3d(nn.Conv3d):
     """
 
     def _bf16_inference(self, x: torch.Tensor) -> bool:
-        return (_HAS_ONEDNN and x.device.type == "cpu" and not torch.is_grad_enabled() and cpu_bf16_autocast()
-                and self.padding_mode == "zeros" and isinstance(self.padding, tuple)
-                and torch.backends.mkldnn.enabled)
+        return (_onednn_supports(x, self.padding_mode, self.padding) and not torch.is_grad_enabled()
+                and cpu_bf16_autocast() and torch.backends.mkldnn.enabled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with(x, self.weight, self.bias)

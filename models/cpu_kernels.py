@@ -82,10 +82,15 @@ def onednn_conv3d_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return channels_last(y)
 
 
+def _onednn_supports(x: torch.Tensor, padding_mode: str, padding) -> bool:
+    """Whether oneDNN can run a convolution of this CPU input with this padding."""
+    return _HAS_ONEDNN and x.device.type == "cpu" and padding_mode == "zeros" and isinstance(padding, tuple)
+
+
 def _onednn_applies(x: torch.Tensor, padding_mode: str, padding) -> bool:
-    """Whether a convolution with this input and padding can go to oneDNN directly."""
-    return (_HAS_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and padding_mode == "zeros"
-            and isinstance(padding, tuple) and not torch.is_autocast_enabled("cpu"))
+    """Whether a float32 convolution (no autocast) can go to oneDNN directly."""
+    return (_onednn_supports(x, padding_mode, padding) and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu"))
 
 
 _STAT_BLOCK = 4096          # voxels per partial sum of the in-place instance norm

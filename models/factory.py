@@ -54,15 +54,16 @@ def read_weights(path, config: ModelConfig | None = None) -> dict:
     """A checkpoint dict from our format or, converted on the fly, from the released code's
     (``models.released``; its window and ALS range, which the file does not hold, are taken
     from ``config``). Nothing in the file is executed."""
-    from utils.checkpoint import load_weights_only
+    from utils.checkpoint import as_checkpoint, load_weights_only
     from .released import is_released_state, load_released
-    if not is_released_state(load_weights_only(path)):
-        return read_checkpoint(path)
+    obj = load_weights_only(path)
+    if not is_released_state(obj):
+        return as_checkpoint(obj, path)
     if config is not None and not config.released_compat:
         raise CheckpointError(f"{path}: a released checkpoint gives the released network's fields only with "
                               f"model.released_compat on: add --set model.released_compat=true")
     config = config or ModelConfig()
-    return load_released(path, config.window_size, config.alpha)[0]
+    return load_released(path, config.window_size, config.alpha, obj=obj)[0]
 
 
 def load_model(path, map_location="cpu", **overrides) -> tuple[PLCReg, dict]:

@@ -161,10 +161,12 @@ def convert_released_state(state: dict[str, torch.Tensor], config: ModelConfig,
     return out, dropped
 
 
-def load_released(path, window_size=(5, 7, 6), alpha: float = 15.0) -> tuple[dict, list[str]]:
+def load_released(path, window_size=(5, 7, 6), alpha: float = 15.0, obj=None) -> tuple[dict, list[str]]:
     """A released checkpoint file as our checkpoint dict (in memory), and the dropped keys.
-    Read with ``weights_only``: nothing in the file is executed."""
-    obj = load_weights_only(path, what="released checkpoint")
+    Read with ``weights_only`` (nothing in the file is executed), unless its content ``obj``
+    was already read."""
+    if obj is None:
+        obj = load_weights_only(path, what="released checkpoint")
     state = released_state_dict(obj, str(path))
     config = infer_config(state, window_size, alpha)
     ours, dropped = convert_released_state(state, config, str(path))

@@ -78,12 +78,16 @@ def load_weights_only(path, map_location="cpu", what: str = "checkpoint"):
         raise CheckpointError(f"{path}: cannot read {what} ({type(exc).__name__}: {exc})") from exc
 
 
+def as_checkpoint(obj, path) -> dict:
+    """``obj`` (the loaded content of ``path``) when it is a PLCReg checkpoint; CheckpointError otherwise."""
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a PLCReg checkpoint (expected format {FORMAT!r})")
+    return obj
+
+
 def read_checkpoint(path, map_location="cpu") -> dict:
     """Load a checkpoint dict, with a clear error for a missing, unreadable, unsafe or foreign file."""
-    ckpt = load_weights_only(path, map_location)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a PLCReg checkpoint (expected format {FORMAT!r})")
-    return ckpt
+    return as_checkpoint(load_weights_only(path, map_location), path)
 
 
 class CheckpointKeeper:

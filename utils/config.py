@@ -208,7 +208,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not self.lr > 0 or self.lr != self.lr:
+        if not self.lr > 0:                 # NaN too
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
         if self.epochs < 1:
             raise ValueError(f"TrainConfig.epochs must be >= 1, got {self.epochs}")

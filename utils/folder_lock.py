@@ -105,6 +105,8 @@ class FolderLock:
         """Remove the lock if this process holds it."""
         if self.held and self._holder().get("pid") == os.getpid():
             self.path.unlink(missing_ok=True)
+        if self.held:
+            atexit.unregister(self.release)
         self.held = False
 
     def __enter__(self):

@@ -6,7 +6,6 @@ fixed image of the pair), so outputs overlay the fixed image in ITK-SNAP or 3D S
 """
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import re
@@ -145,11 +144,6 @@ class VolumeUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def safe_unpickle(data: bytes):
-    """The object of a pickle holding only arrays, containers and numbers (``VolumeUnpickler``)."""
-    return VolumeUnpickler(io.BytesIO(data)).load()
-
-
 def load_pickle_pair(path) -> tuple[Volume, Volume]:
     """Read an IXI-style pickle holding ``(image, label)``; identity geometry.
 
@@ -158,7 +152,8 @@ def load_pickle_pair(path) -> tuple[Volume, Volume]:
     """
     path = require_file(path, "file")
     try:
-        obj = safe_unpickle(path.read_bytes())
+        with open(path, "rb") as fh:
+            obj = VolumeUnpickler(fh).load()
     except Exception as exc:
         raise DataError(f"{path}: cannot read pickle ({type(exc).__name__}: {exc})") from exc
     if not isinstance(obj, (tuple, list)) or len(obj) != 2:

@@ -44,14 +44,14 @@ class ResultFolder:
         self.path, self.previous = path, previous
 
     @classmethod
-    def claim(cls, path, overwrite: bool = False, flag: str = "--overwrite") -> "ResultFolder":
+    def claim(cls, path, overwrite: bool = False) -> "ResultFolder":
         path = ensure_dir(path)
         previous = result_files(path)
         if previous and not overwrite:
             shown = ", ".join(str(p.relative_to(path)) for p in previous[:4])
             more = f" and {len(previous) - 4} more" if len(previous) > 4 else ""
             raise DataError(f"{path}: holds results of a previous run ({shown}{more}); replace them with "
-                            f"{flag}, or choose another output folder")
+                            f"--overwrite, or choose another output folder")
         return cls(path, {p: _identity(p) for p in previous})
 
     def finish(self, log: Callable | None = None) -> list[Path]:
