@@ -29,16 +29,20 @@ SUMMARY_COLUMNS = [
 
 
 def evaluate_pair(u: torch.Tensor, moving_label: torch.Tensor | None, fixed_label: torch.Tensor | None,
-                  labels, label_interpolation: str = "nearest", spacing=None) -> tuple[dict, torch.Tensor | None]:
+                  labels, label_interpolation: str = "nearest", spacing=None,
+                  warped_label: torch.Tensor | None = None) -> tuple[dict, torch.Tensor | None]:
     """Metrics of one displacement: (row dict, warped moving label or None).
 
     The row holds mean Dice (registered and initial), per-label Dice ``dice_<label>``, mean HD95
     and the Jacobian statistics. Without labels only the Jacobian statistics are given.
+    ``warped_label`` (B, 1, D, H, W), when given, is scored instead of warping ``moving_label`` by ``u``
+    (a transform that holds more than ``u``, e.g. a pre-alignment).
     """
     row = dict(jacobian_stats(u))
     warped = None
     if moving_label is not None and fixed_label is not None:
-        warped = warp_labels(moving_label, u.float(), label_interpolation, label_values=labels)
+        warped = warped_label if warped_label is not None else \
+            warp_labels(moving_label, u.float(), label_interpolation, label_values=labels)
         per_label = dice_per_label(warped, fixed_label, labels)
         initial = dice_per_label(moving_label, fixed_label, labels)
         hd = hd95_per_label(warped, fixed_label, labels, spacing)
@@ -57,6 +61,11 @@ def label_dice(u: torch.Tensor, moving_label, fixed_label, labels, label_interpo
         return float("nan")
     warped = warp_labels(moving_label, u.float(), label_interpolation, label_values=labels)
     return _nanmean(dice_per_label(warped, fixed_label, labels))
+
+
+def mean_dice(label: torch.Tensor, fixed_label: torch.Tensor, labels) -> float:
+    """Mean Dice over ``labels`` of two label maps on one grid."""
+    return _nanmean(dice_per_label(label, fixed_label, labels))
 
 
 def _nanmean(a) -> float:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from utils.datasets import VolumeCache, discover, volume_tensor
-from utils.io import DataError, load_nifti
+from utils.io import DataError, load_volume
 
 from .register import load_pair, read_pairs_csv
 
@@ -55,5 +55,5 @@ def csv_items(path, run, device, max_pairs):
     labels = set()
     for files in pairs:
         if files.fixed_label:
-            labels |= set(np.unique(load_nifti(files.fixed_label, "label").array).tolist())
+            labels |= set(np.unique(load_volume(files.fixed_label, "label").array).tolist())
     return LazyItems([p.case for p in pairs], load), sorted(labels - {0})

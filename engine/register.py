@@ -1,13 +1,15 @@
-"""Register a user's own NIfTI pairs with a checkpoint (``register.py``).
+"""Register a user's own image pairs with a checkpoint (``register.py``).
 
-For each pair: the moving image (and label) is resampled onto the fixed image's grid when
-the two grids differ (through their affines, so world positions are kept); intensities are
-normalised as the checkpoint was trained (its run config; min-max without one); the
-network computes on a grid padded to multiples of 16 and crops its field back; optional
-instance optimisation refines it. Written with the fixed image's geometry:
-``<name>_warped.nii.gz`` (the moving image in its own intensities), ``<name>_displacement.nii.gz``
-and, with a moving label, ``<name>_warped_label.nii.gz``; plus per_case.csv, summary.csv and
-summary.json (metrics, notes on what was resampled or padded, the command and settings).
+For each pair: optional rigid/affine pre-alignment (``utils/affine.py``) in world space; the
+moving image resampled onto the fixed image's grid through its affine and the pre-alignment;
+intensities normalised as the checkpoint was trained (its run config; min-max without one);
+the network computes on a grid padded to multiples of 16 and crops its field back; optional
+instance optimisation refines it. Written with the fixed image's geometry: ``<name>_warped.nii.gz``
+(the moving image in its own intensities, read through the whole transform),
+``<name>_displacement.nii.gz``, ``<name>_affine.txt`` (with pre-alignment), with a moving label
+``<name>_warped_label.nii.gz``; exports and the inverse on request; plus per_case.csv,
+summary.csv and summary.json (metrics, notes on what was aligned, resampled or padded, the
+command and settings).
 """
 from __future__ import annotations
 
@@ -17,24 +19,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from models import load_model
 from models.plcreg import padded_size
 from utils.config import RunConfig
 from utils.datasets import normalise, volume_tensor
-from utils.io import DataError, Volume, check_same_grid, load_nifti, require_file
+from utils.affine import AFFINE_KINDS, AlignmentSettings, align_volumes
+from utils.io import DataError, Volume, check_same_grid, load_volume, require_file, save_like
+from utils.itk import write_itk_affine, write_itk_displacement
 from utils.outputs import ResultFolder
 from utils.resample import grid_overlap, resample_to_grid, same_grid
-from utils.spatial import warp, warp_labels
+from utils.spatial import inverse_consistency, invert_displacement
+from utils.transforms import AffineMap, FieldMap, resample_image, resample_labels
 
-from .evaluate import evaluate_pair, format_summary_table, summarise, write_results
-from .exports import write_l2r
+from .evaluate import evaluate_pair, format_summary_table, mean_dice, summarise, write_results
+from .exports import composed_voxel_displacement, write_l2r
 from .infer import no_network, register_tensors, save_pair_outputs
 from .runtime import bar_disabled, limit_heap_retention, provenance, resolve_device
 
 PAIR_COLUMNS = ("moving", "fixed", "moving_label", "fixed_label", "name")
-EXPORTS = ("l2r",)
+EXPORTS = ("itk", "l2r")
 
 
 @dataclass
@@ -106,38 +112,53 @@ def read_pairs_csv(path) -> list[PairFiles]:
     return pairs
 
 
-def _onto_fixed(volume: Volume, fixed: Volume, order: int, notes: list[str], what: str) -> np.ndarray:
+def _onto_fixed(volume: Volume, fixed: Volume, order: int, notes: list[str] | None, what: str) -> np.ndarray:
     if same_grid(volume.array.shape, volume.affine, fixed.array.shape, fixed.affine):
         return volume.array
     covered = grid_overlap(volume.array.shape, volume.affine, fixed.array.shape, fixed.affine)
     if covered == 0:
         raise DataError(f"{volume.path}: does not overlap the fixed image {fixed.path} in world space (through the "
                         f"two affines); check the headers or align the images first")
-    notes.append(f"{what} resampled onto the fixed grid {fixed.array.shape} "
-                 f"({'nearest' if order == 0 else 'trilinear'}, through the affines; it covers "
-                 f"{100 * covered:.1f}% of the fixed grid)")
+    if notes is not None:
+        notes.append(f"{what} resampled onto the fixed grid {fixed.array.shape} "
+                     f"({'nearest' if order == 0 else 'trilinear'}, through the affines; it covers "
+                     f"{100 * covered:.1f}% of the fixed grid)")
     return resample_to_grid(volume.array, volume.affine, fixed.array.shape, fixed.affine, order=order)
 
 
-def load_pair(files: PairFiles, data_cfg) -> dict:
-    """Arrays of a pair on the fixed grid: raw and normalised moving, normalised fixed, labels, notes."""
-    fixed = load_nifti(files.fixed, "image")
-    moving = load_nifti(files.moving, "image")
+def aligned(volume: Volume, matrix: np.ndarray) -> Volume:
+    """``volume`` seen through a pre-alignment ``matrix`` (fixed world -> moving world): same array,
+    the affine that places it in the fixed image's world."""
+    return Volume(volume.array, np.linalg.inv(matrix) @ volume.affine, volume.header, volume.path)
+
+
+def load_pair(files: PairFiles, data_cfg, alignment: str = "none", settings: AlignmentSettings | None = None,
+              device="cpu") -> dict:
+    """A pair read and brought onto the fixed grid: the volumes, the pre-alignment (4x4, fixed world ->
+    moving world; identity without one), the normalised network inputs, label maps and notes."""
+    fixed = load_volume(files.fixed, "image")
+    moving = load_volume(files.moving, "image")
     notes: list[str] = []
-    raw_moving = _onto_fixed(moving, fixed, 1, notes, "moving image")
-    out = {"fixed_volume": fixed, "raw_moving": raw_moving, "notes": notes,
+    result = align_volumes(moving.array, moving.affine, fixed.array, fixed.affine, alignment, settings, device)
+    if alignment != "none":
+        notes.append(f"{alignment} pre-alignment ({result.metric}): similarity {result.similarity_before:.4f} -> "
+                     f"{result.similarity_after:.4f} in {result.seconds:.2f} s")
+    raw_moving = _onto_fixed(aligned(moving, result.matrix), fixed, 1, notes, "moving image")
+    out = {"fixed_volume": fixed, "moving_volume": moving, "alignment": result, "notes": notes,
            "moving": normalise(raw_moving, data_cfg.normalisation, data_cfg.ct_window),
            "fixed": normalise(fixed.array, data_cfg.fixed_normalisation or data_cfg.normalisation,
                               data_cfg.ct_window)}
     if files.fixed_label:
-        fl = load_nifti(files.fixed_label, "label")
+        fl = load_volume(files.fixed_label, "label")
         if not same_grid(fl.array.shape, fl.affine, fixed.array.shape, fixed.affine):
             raise DataError(f"{files.fixed_label}: label map is not on the grid of its image {files.fixed}")
         out["fixed_label"] = fl.array
     if files.moving_label:
-        ml = load_nifti(files.moving_label, "label")
+        ml = load_volume(files.moving_label, "label")
         check_same_grid(moving, ml)
-        out["moving_label"] = _onto_fixed(ml, fixed, 0, notes, "moving label")
+        out["moving_label_volume"] = ml
+        out["moving_label"] = _onto_fixed(ml, fixed, 0, None, "moving label")           # headers only
+        out["moving_label_aligned"] = _onto_fixed(aligned(ml, result.matrix), fixed, 0, None, "moving label")
     return out
 
 
@@ -153,15 +174,21 @@ def run_config_of(ckpt: dict | None) -> RunConfig:
 
 def register_files(pairs: list[PairFiles], checkpoint, out_dir, *, run: RunConfig | None = None,
                    io_settings: dict | None = None, device: str = "auto", progress: bool | None = None,
-                   log=print, overwrite: bool = False, exports=()) -> dict:
+                   log=print, overwrite: bool = False, exports=(), alignment: str = "none",
+                   alignment_settings: AlignmentSettings | None = None, inverse: bool = False) -> dict:
     """Register every pair and write its outputs; returns {"rows", "summary", "paths", "table"}.
 
-    ``out_dir`` holding an earlier run's results is refused unless ``overwrite``. ``exports``
-    may hold ``'l2r'``: the field also as Learn2Reg's ``disp_<fixed>_<moving>.nii.gz``.
+    ``out_dir`` holding an earlier run's results is refused unless ``overwrite``. ``alignment``
+    ('none', 'rigid', 'affine') pre-aligns each pair before the network. ``exports`` may hold
+    ``'itk'`` (ITK/ANTs displacement field in LPS millimetres, and the affine) and ``'l2r'``
+    (Learn2Reg's ``disp_<fixed>_<moving>.nii.gz``). ``inverse`` also computes and writes the
+    inverse transform and reports its inverse consistency.
     """
     unknown = set(exports) - set(EXPORTS)
     if unknown:
-        raise ValueError(f"--export {','.join(sorted(unknown))}: expected one of {', '.join(EXPORTS)}")
+        raise ValueError(f"--export {','.join(sorted(unknown))}: expected one or more of {', '.join(EXPORTS)}")
+    if alignment not in AFFINE_KINDS:
+        raise ValueError(f"--affine {alignment}: expected one of {', '.join(AFFINE_KINDS)}")
     folder = ResultFolder.claim(out_dir, overwrite)
     device = resolve_device(device)
     limit_heap_retention()
@@ -177,7 +204,7 @@ def register_files(pairs: list[PairFiles], checkpoint, out_dir, *, run: RunConfi
     out_dir = Path(out_dir)
     rows = []
     for files in tqdm(pairs, desc="registration", disable=bar_disabled(progress)):
-        p = load_pair(files, run.data)
+        p = load_pair(files, run.data, alignment, alignment_settings, device)
         shape = p["fixed"].shape
         if model is not None and padded_size(shape) != tuple(shape):
             p["notes"].append(f"network input zero-padded from {shape} to {padded_size(shape)}, field cropped back")
@@ -185,17 +212,8 @@ def register_files(pairs: list[PairFiles], checkpoint, out_dir, *, run: RunConfi
             log(f"{files.case}: {note}")
         as_tensor = lambda a: volume_tensor(a, device)  # noqa: E731
         u, info = register_tensors(model, run, as_tensor(p["moving"]), as_tensor(p["fixed"]))
-        ml, fl = (as_tensor(p[k]) if k in p else None for k in ("moving_label", "fixed_label"))
-        labels = sorted(set(np.unique(p["fixed_label"]).tolist()) - {0}) if fl is not None else []
-        row, warped_label = evaluate_pair(u, ml, fl, labels, run.eval.label_interpolation)
+        row = write_pair(out_dir, files, p, u, run, exports, inverse, as_tensor)
         row.update(seconds=info["seconds"], **({"io_seconds": info["io_seconds"]} if "io_seconds" in info else {}))
-        warped = warp(as_tensor(p["raw_moving"].astype(np.float32)), u)
-        wl = None
-        if ml is not None:
-            wl = warped_label if warped_label is not None else warp_labels(ml, u, run.eval.label_interpolation)
-        save_pair_outputs(out_dir, files.case, p["fixed_volume"], warped, u, wl)
-        if "l2r" in exports:
-            write_l2r(out_dir, files.fixed, files.moving, u, p["fixed_volume"])
         rows.append({"case": files.case, "moving": files.moving, "fixed": files.fixed, **row,
                      "notes": "; ".join(p["notes"])})
     summary = summarise(rows)
@@ -203,12 +221,60 @@ def register_files(pairs: list[PairFiles], checkpoint, out_dir, *, run: RunConfi
             "fixed_normalisation": run.data.fixed_normalisation or run.data.normalisation,
             "label_interpolation": run.eval.label_interpolation,
             "instance_optimisation": {k: v for k, v in vars(run.eval).items() if k.startswith("io_")},
-            "displacement": "voxels of the fixed grid, component i along array axis i; "
-                            "warped(x) = moving(x + u(x))"}
+            "pre_alignment": {"kind": alignment, **({"settings": vars(alignment_settings or AlignmentSettings())}
+                                                    if alignment != "none" else {})},
+            "displacement": "voxels of the fixed grid, component i along array axis i; warped(x) = moving(x + u(x)) "
+                            "for the moving image on the fixed grid after pre-alignment",
+            "transform": "fixed point p -> p' = A_f (x + u(x)) with x = A_f^-1 p (the displacement), then "
+                         "<case>_affine.txt (with pre-alignment) takes p' to the moving image's world point"}
     paths = write_results(out_dir, rows, summary, meta)
     folder.finish(log=log)
     table = format_summary_table(summary, f"{len(rows)} pair(s) registered")
     return {"rows": rows, "summary": summary, "paths": paths, "table": table}
+
+
+def write_pair(out_dir: Path, files: PairFiles, p: dict, u: torch.Tensor, run: RunConfig, exports, inverse: bool,
+               as_tensor) -> dict:
+    """Metrics and output files of one registered pair; the row of metrics.
+
+    The warped image and label are read from the moving files through the whole transform
+    (displacement, then pre-alignment and header geometry): one interpolation.
+    """
+    fixed, moving = p["fixed_volume"], p["moving_volume"]
+    matrix = p["alignment"].matrix
+    chain = [FieldMap(u[0].float(), fixed.affine), AffineMap(matrix)]
+    grid = (fixed.array.shape, fixed.affine)
+    warped = resample_image(moving.array, moving.affine, *grid, chain, u.device)
+    wl = None
+    if "moving_label_volume" in p:
+        ml = p["moving_label_volume"]
+        wl = resample_labels(ml.array, ml.affine, *grid, chain, run.eval.label_interpolation, device=u.device)
+    fl = as_tensor(p["fixed_label"]) if "fixed_label" in p else None
+    labels = sorted(set(np.unique(p["fixed_label"]).tolist()) - {0}) if fl is not None else []
+    ml_t = as_tensor(p["moving_label"]) if "moving_label" in p else None
+    row, _ = evaluate_pair(u, ml_t, fl, labels, run.eval.label_interpolation,
+                           warped_label=as_tensor(wl) if wl is not None else None)
+    if fl is not None and ml_t is not None and p["alignment"].kind != "none":
+        row["dice_affine"] = mean_dice(as_tensor(p["moving_label_aligned"]), fl, labels)
+    wl_t = torch.from_numpy(wl)[None, None] if wl is not None else None
+    save_pair_outputs(out_dir, files.case, fixed, torch.from_numpy(warped)[None, None], u, wl_t)
+    if p["alignment"].kind != "none":
+        write_itk_affine(out_dir / f"{files.case}_affine.txt", matrix)
+    if "itk" in exports:
+        write_itk_displacement(out_dir / f"{files.case}_itk_displacement.nii.gz", u, fixed)
+    if "l2r" in exports:
+        write_l2r(out_dir, files.fixed, files.moving, composed_voxel_displacement(chain, fixed, moving), fixed)
+    if inverse:
+        v = invert_displacement(u.float())
+        consistency = inverse_consistency(u.float(), v)
+        row.update(inverse_consistency_mean=consistency["mean"], inverse_consistency_max=consistency["max"])
+        save_like(v[0].cpu().numpy(), fixed, out_dir / f"{files.case}_inverse_displacement.nii.gz", np.float32)
+        back = [AffineMap(np.linalg.inv(matrix)), FieldMap(v[0], fixed.affine)]
+        fixed_on_moving = resample_image(fixed.array, fixed.affine, moving.array.shape, moving.affine, back, u.device)
+        save_like(fixed_on_moving, moving, out_dir / f"{files.case}_inverse_warped.nii.gz", np.float32)
+        if "itk" in exports:
+            write_itk_displacement(out_dir / f"{files.case}_itk_inverse_displacement.nii.gz", v, fixed)
+    return row
 
 
 __all__ = ["PairFiles", "read_pairs_csv", "load_pair", "register_files", "run_config_of"]

@@ -47,7 +47,7 @@ def test_known_shift_is_recovered_and_outputs_have_the_fixed_geometry(files, tmp
     out = tmp_path / "out"
     rc = register.main(["--moving", files["moving"], "--fixed", files["fixed"], "--moving-label",
                         files["moving_label"], "--fixed-label", files["fixed_label"], "--checkpoint", "none",
-                        "--io-steps", "60", "--out-dir", str(out), "--no-progress"])
+                        "--io-steps", "60", "--affine", "none", "--out-dir", str(out), "--no-progress"])
     assert rc == 0
     case = "moving_to_fixed"
     shapes = {"warped": SHAPE, "warped_label": SHAPE, "displacement": (*SHAPE, 1, 3)}
@@ -72,8 +72,8 @@ def test_checkpoint_on_another_grid_is_resampled_padded_and_said(files, tmp_path
     img = np.asarray(nib.load(files["moving"]).dataobj)
     moving = _save(img, tmp_path / "moving_other_grid.nii.gz", shifted)
     out = tmp_path / "out"
-    rc = register.main(["--moving", moving, "--fixed", files["fixed"], "--checkpoint", str(ck), "--out-dir",
-                        str(out), "--no-progress"])
+    rc = register.main(["--moving", moving, "--fixed", files["fixed"], "--checkpoint", str(ck), "--affine", "none",
+                        "--out-dir", str(out), "--no-progress"])
     assert rc == 0
     said = capsys.readouterr().out
     assert "resampled onto the fixed grid" in said and "zero-padded from (33, 37, 35) to (48, 48, 48)" in said

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .config import DataConfig
-from .io import DataError, Volume, check_same_grid, load_nifti, load_pickle_pair, require_file
+from .io import DataError, Volume, check_same_grid, load_volume, load_pickle_pair, require_file
 
 
 @dataclass(frozen=True)
@@ -324,8 +324,8 @@ class VolumeCache:
         if side.fmt == "pickle":
             image, label = load_pickle_pair(side.image)
         else:
-            image = load_nifti(side.image, "image")
-            label = load_nifti(side.label, "label") if side.label else None
+            image = load_volume(side.image, "image")
+            label = load_volume(side.label, "label") if side.label else None
             if label is not None:
                 check_same_grid(image, label)
         if label is not None and self.cfg.labels and not np.isin(self.cfg.labels, label.array).any():

@@ -102,26 +102,95 @@ def check_affine(affine: np.ndarray, path) -> np.ndarray:
     return affine
 
 
-def load_nifti(path, kind: str = "image") -> Volume:
-    """Read a 3D NIfTI image (float32) or label map (int32), checking it on the way.
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+SIMPLEITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr", ".dcm")
+PLCREG_FIELD_INTENT = "plcreg_voxels"     # NIfTI intent name of this project's own (voxel) displacement files
+_RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
-    Raises DataError for a missing, unreadable or non-3D file, NaN/Inf intensities, or an
-    empty / non-integer label map.
-    """
-    path = require_file(path, "file")
+
+def _read_nifti(path: Path):
     try:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except Exception as exc:
         raise DataError(f"{path}: cannot read NIfTI ({type(exc).__name__}: {exc})") from exc
-    affine = check_affine(img.affine, path)
+    return data, img.affine, img.header.copy()
+
+
+def _read_simpleitk(path: Path):
+    """An image file SimpleITK reads, or a folder holding one DICOM series; array in (i, j, k) order
+    and the RAS voxel-to-world affine of its (LPS) origin, spacing and direction."""
+    what = "a DICOM series" if path.is_dir() else "this format"
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        raise DataError(f"{path}: {'is a folder; ' if path.is_dir() else ''}reading {what} needs SimpleITK "
+                        f"(pip install SimpleITK); NIfTI (.nii, .nii.gz) is read without it") from None
+    warnings_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)       # its console warnings; errors are reported below
+    try:
+        if path.is_dir():
+            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+            if not series:
+                raise DataError(f"{path}: is a folder without a DICOM series; expected an image file or a folder "
+                                f"holding one DICOM series")
+            if len(series) > 1:
+                raise DataError(f"{path}: the folder holds {len(series)} DICOM series; give a folder with one")
+            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0])
+            image = sitk.ReadImage(files)
+        else:
+            image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise DataError(f"{path}: cannot read the image ({str(exc).strip().splitlines()[-1]})") from None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings_shown)
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise DataError(f"{path}: expected a 3D single-component image, got {image.GetDimension()}D with "
+                        f"{image.GetNumberOfComponentsPerPixel()} component(s)")
+    lps = np.eye(4)
+    lps[:3, :3] = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3) @ np.diag(image.GetSpacing())
+    lps[:3, 3] = image.GetOrigin()
+    return np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0)), _RAS_FROM_LPS @ lps, None
+
+
+def volume_format(path) -> str:
+    """'nifti' or 'simpleitk' (other image formats and DICOM folders), from the name."""
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if path.is_dir() or name.endswith(SIMPLEITK_SUFFIXES):
+        return "simpleitk"
+    raise DataError(f"{path}: unknown image format; expected NIfTI ({', '.join(NIFTI_SUFFIXES)}), "
+                    f"{', '.join(SIMPLEITK_SUFFIXES)} or a DICOM folder (the last ones need SimpleITK)")
+
+
+def load_volume(path, kind: str = "image") -> Volume:
+    """Read a 3D image (float32) or label map (int32), checking it on the way.
+
+    NIfTI is read by nibabel; .mha, .mhd, .nrrd, .nhdr and a folder of one DICOM series by
+    SimpleITK when it is installed (their LPS geometry turned into a RAS affine, exactly).
+    Raises DataError for a missing, unreadable or non-3D file, NaN/Inf intensities, or an
+    empty / non-integer label map.
+    """
+    path = Path(path)
+    if not path.exists():
+        require_file(path, "file")
+    fmt = volume_format(path)
+    if fmt == "nifti":
+        data, affine, header = _read_nifti(require_file(path, "file"))
+    else:
+        if not path.is_dir():
+            require_file(path, "file")
+        data, affine, header = _read_simpleitk(path)
+    affine = check_affine(affine, path)
     arr = _as_3d(data, path, kind)
     if kind == "label":
         arr = check_label_values(arr.astype(np.float64), path)
     else:
         arr = arr.astype(np.float32)
         check_image_values(arr, path)
-    return Volume(arr, affine, img.header.copy(), str(path))
+    return Volume(arr, affine, header, str(path))
 
 
 class VolumeUnpickler(pickle.Unpickler):
@@ -256,8 +325,8 @@ def save_like(array: np.ndarray, reference: Volume, path, dtype=None) -> Path:
     """Write ``array`` as NIfTI with the reference volume's affine and header.
 
     ``array`` is (D, H, W) for images and label maps, or (3, D, H, W) for a displacement,
-    written as a (D, H, W, 1, 3) vector image (NIfTI intent 'vector'; voxel units,
-    component i along array axis i).
+    written as a (D, H, W, 1, 3) vector image (NIfTI intent 'vector' named ``plcreg_voxels``;
+    voxel units, component i along array axis i).
     """
     array = np.asarray(array)
     if array.ndim == 4 and array.shape[0] == 3:
@@ -272,7 +341,7 @@ def save_like(array: np.ndarray, reference: Volume, path, dtype=None) -> Path:
     img = nib.Nifti1Image(array, reference.affine, header)
     img.set_data_dtype(array.dtype)
     if array.ndim == 5:
-        img.header.set_intent("vector")
+        img.header.set_intent("vector", name=PLCREG_FIELD_INTENT)
     else:
         img.header.set_intent("none")
     img.set_qform(reference.affine, code=int(header["qform_code"]) or 1)

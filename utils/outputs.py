@@ -18,7 +18,7 @@ from .io import DataError, ensure_dir
 RESULT_PATTERNS = (
     ("", "per_case*.csv"), ("", "summary.csv"), ("", "summary.json"), ("", "comparison.*"), ("", "pvalues.*"),
     ("", "*_warped.nii.gz"), ("", "*_warped_label.nii.gz"), ("", "*_displacement.nii.gz"),
-    ("", "disp_*.nii.gz"), ("nifti", "*.nii.gz"), ("figures", "*.png"),
+    ("", "disp_*.nii.gz"), ("", "*_affine.txt"), ("nifti", "*.nii.gz"), ("figures", "*.png"),
 )
 
 

@@ -153,15 +153,25 @@ def warp_labels(labels: torch.Tensor, u: torch.Tensor, interpolation: str = "nea
         (B, 1, D, H, W) with the dtype of ``labels``.
     """
     check_volume(labels, "labels")
+    u = u.float() if u.dtype in (torch.float16, torch.bfloat16) else u
+    return sample_labels(labels, lambda x, mode: warp(x, u.to(x.dtype) if mode == "nearest" else u, mode=mode),
+                         interpolation, label_values, chunk)
+
+
+def sample_labels(labels: torch.Tensor, sampler, interpolation: str = "nearest",
+                  label_values: Sequence[int] | None = None, chunk: int = 8) -> torch.Tensor:
+    """A label map read through ``sampler(x, mode)`` (which samples a float volume (B, C, ...)
+    with mode 'nearest' or 'bilinear'); only label values of the input (or 0) come out.
+
+    ``labels`` (B, 1, ...) integer-valued; see ``warp_labels`` for the interpolations.
+    """
     if labels.shape[1] != 1:
         raise ValueError(f"labels: expected one channel (B, 1, D, H, W), got shape {tuple(labels.shape)}")
     if interpolation not in LABEL_INTERPOLATIONS:
         raise ValueError(f"label interpolation must be one of {LABEL_INTERPOLATIONS}, got {interpolation!r}")
-    u = u.float() if u.dtype in (torch.float16, torch.bfloat16) else u
     fdtype = _label_float_dtype(labels)
     if interpolation == "nearest":
-        out = warp(labels.to(fdtype), u.to(fdtype), mode="nearest")
-        return out.round().to(labels.dtype)
+        return sampler(labels.to(fdtype), "nearest").round().to(labels.dtype)
 
     if label_values is None:
         values = torch.unique(labels).tolist()
@@ -172,9 +182,8 @@ def warp_labels(labels: torch.Tensor, u: torch.Tensor, interpolation: str = "nea
     best_w = best_label = None
     for start in range(0, len(values), chunk):
         vals = values[start:start + chunk]
-        vt = torch.tensor(vals, device=labels.device, dtype=labels.dtype).view(1, -1, 1, 1, 1)
-        onehot = (labels == vt).to(u.dtype)
-        w = warp(onehot, u, mode="bilinear")
+        vt = torch.tensor(vals, device=labels.device, dtype=labels.dtype).view(1, -1, *([1] * (labels.dim() - 2)))
+        w = sampler((labels == vt).to(fdtype), "bilinear")
         w_max, idx = w.max(dim=1, keepdim=True)
         lab = vt.view(-1)[idx]
         if best_w is None:
@@ -231,6 +240,42 @@ def compose(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     check_field(b, "b")
     check_same_spatial(a, b, "a", "b")
     return a + warp(b, a, padding_mode="border")
+
+
+def invert_displacement(u: torch.Tensor, iterations: int = 50, tolerance: float = 1e-3) -> torch.Tensor:
+    """Inverse of a displacement by fixed-point iteration: ``v(y) = -u(y + v(y))``.
+
+    Then ``x + u(x) = y`` gives back ``y + v(y) = x``: warping by ``u`` and then by ``v``
+    returns the image where the map is invertible (folds have no inverse).
+
+    Args:
+        u: (B, 3, D, H, W) displacement in voxels.
+        iterations: at most this many updates; stops earlier when no voxel moves by more
+            than ``tolerance`` voxels.
+    Returns:
+        (B, 3, D, H, W) inverse displacement on the same grid.
+    """
+    check_field(u)
+    v = -u
+    for _ in range(iterations):
+        nxt = -warp(u, v, padding_mode="border")
+        change = float((nxt - v).abs().max())
+        v = nxt
+        if change < tolerance:
+            break
+    return v
+
+
+def inverse_consistency(u: torch.Tensor, v: torch.Tensor) -> dict:
+    """Mean and max of ``|u(x) + v(x + u(x))|`` in voxels, over voxels whose ``x + u(x)`` lies in the grid."""
+    check_field(u, "u")
+    check_field(v, "v")
+    residual = torch.linalg.vector_norm(u + warp(v, u, padding_mode="border"), dim=1)
+    size = torch.tensor(u.shape[2:], dtype=u.dtype, device=u.device).view(1, 3, 1, 1, 1)
+    target = identity_grid(u.shape[2:], u.device, u.dtype) + u
+    inside = ((target >= 0) & (target <= size - 1)).all(1)
+    values = residual[inside] if bool(inside.any()) else residual.flatten()
+    return {"mean": float(values.mean()), "max": float(values.max())}
 
 
 def integrate_velocity(v: torch.Tensor, steps: int = 7) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Volume I/O: geometry kept on write, and each kind of bad file named with its problem."""
 import pickle
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 from tests.layouts import AFFINE
 from utils.datasets import Pair, Side, VolumeCache
 from utils.config import DataConfig
-from utils.io import DataError, load_nifti, load_pickle_pair, save_like
+from utils.io import DataError, load_volume, load_pickle_pair, save_like
 
 
 def _nii(arr, path, affine=AFFINE):
@@ -17,7 +18,7 @@ def _nii(arr, path, affine=AFFINE):
 
 
 def test_save_like_keeps_fixed_geometry(tmp_path):
-    ref = load_nifti(_nii(np.random.rand(6, 7, 8).astype(np.float32), tmp_path / "fixed.nii.gz"))
+    ref = load_volume(_nii(np.random.rand(6, 7, 8).astype(np.float32), tmp_path / "fixed.nii.gz"))
     out = save_like(np.ones((6, 7, 8), np.float32), ref, tmp_path / "out" / "w.nii.gz")
     img = nib.load(str(out))
     assert np.allclose(img.affine, AFFINE) and img.shape == (6, 7, 8)
@@ -40,16 +41,16 @@ def test_save_like_keeps_fixed_geometry(tmp_path):
 def test_bad_volumes_named(tmp_path, kind, arr, message):
     path = _nii(arr.astype(np.float32), tmp_path / "bad.nii.gz")
     with pytest.raises(DataError, match=message) as exc:
-        load_nifti(path, kind)
+        load_volume(path, kind)
     assert "bad.nii.gz" in str(exc.value)
 
 
 def test_unreadable_and_missing_files(tmp_path):
     (tmp_path / "corrupt.nii.gz").write_bytes(b"\x1f\x8b garbage")
     with pytest.raises(DataError, match="corrupt.nii.gz: cannot read NIfTI"):
-        load_nifti(tmp_path / "corrupt.nii.gz")
+        load_volume(tmp_path / "corrupt.nii.gz")
     with pytest.raises(DataError, match="absent.nii.gz: file not found"):
-        load_nifti(tmp_path / "absent.nii.gz")
+        load_volume(tmp_path / "absent.nii.gz")
     with open(tmp_path / "one.pkl", "wb") as fh:
         pickle.dump(np.zeros((4, 4, 4)), fh)
     with pytest.raises(DataError, match="expected a pickled \\(image, label\\) pair"):
@@ -101,3 +102,56 @@ def test_pickle_naming_anything_else_is_refused_unrun(tmp_path):
     path.write_bytes(pickle.dumps((np.zeros((4, 4, 4)), {"x": __import__("collections").OrderedDict()})))
     with pytest.raises(DataError, match="refused to load collections.OrderedDict"):
         load_pickle_pair(path)
+
+
+def _oblique_sitk_image(sitk):
+    arr = (np.random.default_rng(0).random((6, 7, 8)) * 1000).astype(np.int16)     # (z, y, x)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((0.9, 1.1, 2.5))
+    img.SetOrigin((10.0, -20.0, 5.0))
+    a = 0.3
+    direction = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    img.SetDirection(direction.ravel().tolist())
+    return img, direction
+
+
+def _write_dicom_series(sitk, img, direction, folder):
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(img.GetDepth()):
+        s = img[:, :, k]
+        s.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1.1")
+        s.SetMetaData("0008|0060", "MR")
+        s.SetMetaData("0020|0037", "\\".join(str(v) for v in direction[:, :2].T.ravel()))
+        s.SetMetaData("0020|0032", "\\".join(str(v) for v in img.TransformIndexToPhysicalPoint((0, 0, k))))
+        s.SetMetaData("0020|0013", str(k + 1))
+        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
+        writer.Execute(s)
+
+
+def test_other_formats_keep_their_geometry(tmp_path):
+    """.mha, .nrrd and a DICOM series read with the affine that nibabel reads from the same image
+    written as NIfTI by SimpleITK (an independent LPS -> RAS conversion)."""
+    sitk = pytest.importorskip("SimpleITK")
+    img, direction = _oblique_sitk_image(sitk)
+    sitk.WriteImage(img, str(tmp_path / "ref.nii.gz"))
+    ref = nib.load(str(tmp_path / "ref.nii.gz"))
+    expected = np.asarray(ref.dataobj).astype(np.float32)
+    for name in ("img.mha", "img.nrrd"):
+        sitk.WriteImage(img, str(tmp_path / name))
+    _write_dicom_series(sitk, img, direction, tmp_path / "series")
+    for path in (tmp_path / "img.mha", tmp_path / "img.nrrd", tmp_path / "series"):
+        vol = load_volume(path)
+        assert np.allclose(vol.affine, ref.affine, atol=1e-5), path
+        assert np.array_equal(vol.array, expected), path
+
+
+def test_unknown_format_and_missing_simpleitk_are_named(tmp_path, monkeypatch):
+    (tmp_path / "x.png").write_bytes(b"\x89PNG")
+    with pytest.raises(DataError, match="x.png: unknown image format"):
+        load_volume(tmp_path / "x.png")
+    (tmp_path / "y.mha").write_bytes(b"ObjectType = Image")
+    monkeypatch.setitem(sys.modules, "SimpleITK", None)
+    with pytest.raises(DataError, match="y.mha: reading this format needs SimpleITK"):
+        load_volume(tmp_path / "y.mha")
