@@ -5,7 +5,7 @@
    information) alternately, median over ``--runs``; the ratio to the network is the figure.
 2. Dice on the demo test pairs (template atlas as the fixed image, synthetic subjects as
    moving): each pair as made ("aligned"), and the same subject rotated by 10 degrees and
-   shifted by 8 voxels ("misaligned"), registered by ``register.py``'s engine with and without
+   shifted by 8 voxels ("misaligned", made from the template by one interpolation too), registered by ``register.py``'s engine with and without
    ``--affine affine``.
 
     python benchmarks/bench_affine.py                               # instance optimisation, no network
@@ -23,29 +23,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import append_results, machine_line  # noqa: E402
+from benchmarks.common import publish  # noqa: E402
 
 
-def _rotated(array, affine, degrees, shift_voxels, order):
-    """``array`` rotated about its centre (axis 2) and shifted along axis 0, on the same grid."""
-    import numpy as np
-    from scipy import ndimage
-    a = np.radians(degrees)
-    rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1.0]])
-    centre = (np.array(array.shape) - 1) / 2
-    offset = centre - rot @ centre - rot @ np.array([shift_voxels, 0, 0])
-    return ndimage.affine_transform(array, rot, offset, order=order)
+MISALIGNMENT = (10.0, 8.0)         # degrees about array axis 2, voxels along axis 0
 
 
 def time_rows(args) -> list[tuple[str, float]]:
-    import numpy as np
     import torch
 
     from models import build_model
     from utils.affine import AlignmentSettings, align_volumes
     from utils.demo_data import load_template, make_subject
     t1, labels, affine = load_template()
-    moving = _rotated(make_subject(t1, labels, 1)[0], affine, 10.0, 8.0, 1).astype(np.float32)
+    moving = make_subject(t1, labels, 1, misalignment=MISALIGNMENT)[0]
     model = build_model().eval()
     x = torch.from_numpy(t1)[None, None]
     y = torch.from_numpy(moving)[None, None]
@@ -81,9 +72,8 @@ def dice_rows(args) -> list[tuple[str, float, float]]:
         nib.save(nib.Nifti1Image(labels, affine), str(tmp / "atlas_seg.nii.gz"))
         pairs = {k: [] for k in out}
         for i in range(args.pairs):
-            img, lab, _ = make_subject(t1, labels, 1000 + i)
-            for kind, (im, la) in {"aligned": (img, lab), "misaligned": (
-                    _rotated(img, affine, 10.0, 8.0, 1), _rotated(lab, affine, 10.0, 8.0, 0))}.items():
+            for kind, misalignment in (("aligned", None), ("misaligned", MISALIGNMENT)):
+                im, la, _ = make_subject(t1, labels, 1000 + i, misalignment=misalignment)
                 nib.save(nib.Nifti1Image(im.astype(np.float32), affine), str(tmp / f"{kind}_{i}.nii.gz"))
                 nib.save(nib.Nifti1Image(la.astype(np.int16), affine), str(tmp / f"{kind}_{i}_seg.nii.gz"))
                 for key in pairs:
@@ -126,9 +116,7 @@ def main(argv=None) -> int:
                   f"{f', {args.io_steps} IO steps' if args.io_steps else ''}); misaligned = rotated 10 degrees, "
                   "shifted 8 voxels:\n\n| pairs, pre-alignment | Dice mean | std |\n|---|---|---|\n")
         table += "\n".join(f"| {name} | {m:.4f} | {s:.4f} |" for name, m, s in dice_rows(args))
-    print(f"{machine_line()}, {args.threads} threads\n\n{table}")
-    if args.write:
-        append_results("bench_affine.py", "Affine pre-alignment: time and Dice", table, argv=argv)
+    publish("bench_affine.py", "Affine pre-alignment: time and Dice", table, args.threads, args.write, argv)
     return 0
 
 

@@ -37,6 +37,13 @@ def append_results(script: str, label: str, table: str, device: str = "cpu", arg
                  f"Command: `{cmd.strip()}`\n\n{table}\n" + (f"\n{extra}\n" if extra else ""))
 
 
+def publish(script: str, label: str, table: str, threads: int, write: bool, argv=None, extra: str = "") -> None:
+    """Print the machine line and ``table``; with ``write`` also append them to RESULTS.md."""
+    print(f"{machine_line()}, {threads} threads\n\n{table}" + (f"\n\n{extra}" if extra else ""))
+    if write:
+        append_results(script, label, table, argv=argv, extra=extra)
+
+
 def measure_in_child(script: str, child_args: list[str], what: str) -> dict:
     """Run ``script --child <child_args>`` in a fresh process (so its peak memory is its own)
     and return the JSON row it prints last; exits with its stderr when it fails."""

@@ -79,6 +79,8 @@ def infer_parser(dataset: str) -> argparse.ArgumentParser:
     p.add_argument("--figures", action="store_true", help="write figures into <output-dir>/figures")
     p.add_argument("--l2r-out", help="also write each field as Learn2Reg's disp_<fixed>_<moving>.nii.gz "
                                      "((D, H, W, 3) voxels on the fixed grid) into this folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a stopped run in --output-dir: pairs it finished are not registered again")
     add_io_arguments(p)
     return p
 
@@ -171,13 +173,18 @@ def infer_main(dataset: str, argv=None) -> int:
     args, run = _parse(dataset, argv, training=False)
     if args is None:
         return run
+    from . import distributed as ddp
     from .infer import infer
     checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint(run)
     try:
         result = infer(run, checkpoint, save_nifti=args.save_nifti, progress=progress_setting(args),
-                       figures=args.figures, overwrite=args.overwrite, l2r_out=args.l2r_out)
+                       figures=args.figures, overwrite=args.overwrite, l2r_out=args.l2r_out, resume=args.resume)
     except (DataError, CheckpointError, ValueError) as exc:
         return _fail(str(exc))
+    finally:
+        ddp.teardown()
+    if result["table"] is None:                 # a rank other than 0 of a torchrun
+        return 0
     print(result["table"])
     print(f"results in {result['paths']['summary_json'].parent}")
     return 0

@@ -22,6 +22,7 @@ SUMMARY_COLUMNS = [
     ("pct_nonpos_jac", "%|J|<=0", "{:.4f}"),
     ("sdlogj", "SDlogJ", "{:.4f}"),
     ("seconds", "s/pair", "{:.3f}"),
+    ("end_to_end_seconds", "end-to-end s/pair", "{:.3f}"),
     ("dice_before_io", "Dice before IO", "{:.4f}"),
     ("pct_nonpos_jac_before_io", "%|J|<=0 before IO", "{:.4f}"),
     ("io_seconds", "IO s/pair", "{:.3f}"),

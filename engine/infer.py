@@ -1,12 +1,15 @@
 """Inference: register every test pair, score it, write per-case and summary results.
 
 Seconds per pair time the network's forward pass only (synchronised on CUDA), as in the
-paper; warping and metrics are not included. With instance optimisation (``eval.io_steps``)
-its time is reported separately (``io_seconds``), with Dice and %|J|<=0 before it.
+paper; warping and metrics are not included. ``end_to_end_seconds`` is the wall time between
+two finished pairs (reading, network, metrics and writing, overlapped). With instance
+optimisation (``eval.io_steps``) its time is reported separately (``io_seconds``), with Dice
+and %|J|<=0 before it.
 The checkpoint ``none`` runs without a network: instance optimisation from a zero field.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -17,16 +20,18 @@ from tqdm import tqdm
 from models import display_name, load_model
 from utils.config import RunConfig
 from utils.datasets import DatasetIndex, VolumeCache, discover
-from utils.io import DataError, save_like
+from utils.io import DataError, atomic_write, ensure_dir, save_like
 from utils.outputs import ResultFolder
 from utils.spatial import warp
 
 from utils.metrics import jacobian_stats
 
+from . import distributed as ddp
 from .assembly import output_dir
 from .exports import write_l2r
 from .evaluate import evaluate_pair, format_summary_table, label_dice, summarise, write_results
 from .instance_opt import io_similarity, refine_for_run
+from .pipeline import BackgroundWriter, prefetched
 from .report import inference_figures
 from .runtime import (amp_dtype, autocast, bar_disabled, compile_model, limit_heap_retention, precision_name,
                       provenance, resolve_device, synchronize)
@@ -76,20 +81,35 @@ def register_tensors(model, run: RunConfig, moving: torch.Tensor, fixed: torch.T
 
 def infer(run: RunConfig, checkpoint, *, save_nifti: bool = False, progress: bool | None = None,
           index: DatasetIndex | None = None, model=None, figures: bool = False, train_log=None,
-          overwrite: bool = False, l2r_out=None) -> dict:
+          overwrite: bool = False, l2r_out=None, resume: bool = False) -> dict:
     """Evaluate a checkpoint (or a given model) on the data set's test pairs.
 
-    Returns {"rows", "summary", "paths", "table"}; writes per_case.csv, summary.csv and
-    summary.json into the run's output folder (and NIfTI outputs with ``save_nifti``, and
-    ``figures/`` with ``figures``: panels, grid and Jacobian of the first pair, Dice per
-    structure, and training curves from ``train_log`` or the checkpoint's folder). An output
-    folder that holds an earlier run's results is refused unless ``overwrite``; with it, the
-    earlier files that this run does not rewrite are removed at the end. With ``l2r_out``, each
-    pair's field is also written there in Learn2Reg's format (``engine/exports.py``).
+    Returns {"rows", "summary", "paths", "table"} (on rank 0; other ranks of a torchrun get
+    {"rows": [], "table": None}); writes per_case.csv, summary.csv and summary.json into the
+    run's output folder (and NIfTI outputs with ``save_nifti``, and ``figures/`` with
+    ``figures``: panels, grid and Jacobian of the first pair, Dice per structure, and training
+    curves from ``train_log`` or the checkpoint's folder). An output folder that holds an
+    earlier run's results is refused unless ``overwrite``; with it, the earlier files that this
+    run does not rewrite are removed at the end. With ``l2r_out``, each pair's field is also
+    written there in Learn2Reg's format (``engine/exports.py``).
+
+    Cohorts: the next pair is read in a background thread while the network runs, and each
+    pair's metrics and files are computed and written in another while the next pair runs
+    (``engine/pipeline.py``; ``eval.background``). Each finished pair's row is kept in
+    ``<output>/partial/`` until the end, so a stopped run continues with ``resume`` without
+    redoing them. Started by ``torchrun --nproc_per_node=N``, the pairs are shared out among
+    the ranks and rank 0 writes the merged results.
     """
-    folder = ResultFolder.claim(output_dir(run), overwrite)
-    l2r_folder = ResultFolder.claim(l2r_out, overwrite) if l2r_out else None
-    device = resolve_device(run.device)
+    ctx, device = ddp.setup(resolve_device(run.device))
+    out_dir = output_dir(run)
+    finished = FinishedPairs(out_dir / "partial")
+    folder = ResultFolder.claim(out_dir, overwrite, resume=resume)
+    l2r_folder = ResultFolder.claim(l2r_out, overwrite, resume=resume) if l2r_out else None
+    done = finished.rows() if resume else {}
+    if not resume and not overwrite and finished.count():
+        raise DataError(f"{finished.folder}: holds {finished.count()} finished pair(s) of a stopped run; continue "
+                        f"it with --resume, or start again with --overwrite")
+    ddp.barrier(ctx)                                   # every rank has looked before anything is written
     limit_heap_retention()
     if no_network(checkpoint):
         if not run.eval.io_steps:
@@ -107,35 +127,47 @@ def infer(run: RunConfig, checkpoint, *, save_nifti: bool = False, progress: boo
         pairs = pairs[:run.eval.max_pairs]
     if not pairs:
         raise DataError(f"{run.data.root}: no test pairs")
-    out_dir = output_dir(run)
+    todo = [p for p in pairs if p.name not in done]
+    mine = todo[ctx.rank::ctx.world_size]
     cache = VolumeCache(run.data)
-    labels = run.data.labels
-    rows, first = [], None
-    for pair in tqdm(pairs, desc="inference", disable=bar_disabled(progress)):
-        t = cache.pair_tensors(pair, device)
-        u, info = register_tensors(model, run, t["moving"], t["fixed"])
-        if figures and first is None:
-            first = {"name": pair.name, "moving": t["moving"], "fixed": t["fixed"], "u": u}
-        spacing = t["fixed_volume"].spacing if run.eval.hd95_spacing else None
-        row, warped_label = evaluate_pair(u, t.get("moving_label"), t.get("fixed_label"), labels,
-                                          run.eval.label_interpolation, spacing)
-        row["seconds"] = info["seconds"]
-        if "u_before_io" in info:
-            before = info["u_before_io"]
-            row["dice_before_io"] = label_dice(before, t.get("moving_label"), t.get("fixed_label"), labels,
-                                               run.eval.label_interpolation)
-            row["pct_nonpos_jac_before_io"] = jacobian_stats(before)["pct_nonpos_jac"]
-            row["io_seconds"] = info["io_seconds"]
-        rows.append({"case": pair.name, "moving": pair.moving.image, "fixed": pair.fixed.image, **row})
+    rows: list[dict] = []
+    first: dict = {}
+    clock = {"last": time.perf_counter()}
+
+    def finish_pair(pair, t, u, info):
+        """Metrics, files and the row of one registered pair (runs in the writer thread)."""
+        row = score_pair(run, t, u, info)
+        now = time.perf_counter()
+        row["end_to_end_seconds"] = now - clock["last"]
+        clock["last"] = now
+        row = {"case": pair.name, "moving": pair.moving.image, "fixed": pair.fixed.image, **row}
         if l2r_out:
             write_l2r(l2r_out, pair.fixed.image, pair.moving.image, u, t["fixed_volume"])
         if save_nifti:
             save_pair_outputs(out_dir / "nifti", pair.name, t["fixed_volume"], warp(t["moving"], u), u,
-                              warped_label)
+                              row.pop("_warped_label"))
+        row.pop("_warped_label", None)
+        finished.add(row)
+        rows.append(row)
+
+    background = run.eval.background
+    with BackgroundWriter(background) as writer:
+        loaded = prefetched(mine, lambda p: cache.pair_tensors(p, device), background)
+        quiet = bar_disabled(progress) or not ctx.is_main
+        for pair, t in tqdm(loaded, total=len(mine), desc="inference", disable=quiet):
+            u, info = register_tensors(model, run, t["moving"], t["fixed"])
+            if figures and not first:
+                first.update(name=pair.name, moving=t["moving"], fixed=t["fixed"], u=u)
+            writer.submit(finish_pair, pair, t, u, info)
+    gathered = ddp.gather_objects(rows, ctx)
+    if not ctx.is_main:
+        return {"rows": [], "summary": None, "paths": {}, "table": None}
+    by_case = {**done, **{r["case"]: r for part in gathered for r in part}}
+    rows = [by_case[p.name] for p in pairs]
     summary = summarise(rows)
     precision = precision_name(amp_dtype(device, run.eval.amp)) if model is not None else "fp32"
     meta = {"dataset": run.data.name, "checkpoint": str(checkpoint) if checkpoint else None, **provenance(device),
-            "precision": precision,
+            "precision": precision, "ranks": ctx.world_size, "resumed_pairs": len(done),
             "label_interpolation": run.eval.label_interpolation,
             "hd95_units": "mm" if run.eval.hd95_spacing else "voxels", "config": run.to_dict(),
             "model_config": model.config.to_dict() if model is not None else None,
@@ -146,7 +178,8 @@ def infer(run: RunConfig, checkpoint, *, save_nifti: bool = False, progress: boo
     if figures:
         log = train_log or (Path(checkpoint).parent / "train_log.csv" if checkpoint and not no_network(checkpoint)
                             else None)
-        paths["figures"] = inference_figures(out_dir / "figures", first, rows, labels, log)
+        paths["figures"] = inference_figures(out_dir / "figures", first or None, rows, run.data.labels, log)
+    finished.clear()
     for claimed in (folder, l2r_folder):
         if claimed is not None:
             claimed.finish(log=print)
@@ -155,6 +188,60 @@ def infer(run: RunConfig, checkpoint, *, save_nifti: bool = False, progress: boo
         method += f" in {precision}"
     if run.eval.io_steps:
         method += f" + {run.eval.io_steps} IO steps"
-    table = format_summary_table(summary, f"{run.data.name}: {len(rows)} test pairs, {method} "
+    ranks = f", {ctx.world_size} ranks" if ctx.distributed else ""
+    table = format_summary_table(summary, f"{run.data.name}: {len(rows)} test pairs, {method}{ranks} "
                                           f"(labels warped by {run.eval.label_interpolation})")
     return {"rows": rows, "summary": summary, "paths": paths, "table": table}
+
+
+def score_pair(run: RunConfig, t: dict, u: torch.Tensor, info: dict) -> dict:
+    """The metrics row of one registered pair (and its warped label under ``_warped_label``)."""
+    labels = run.data.labels
+    spacing = t["fixed_volume"].spacing if run.eval.hd95_spacing else None
+    row, warped_label = evaluate_pair(u, t.get("moving_label"), t.get("fixed_label"), labels,
+                                      run.eval.label_interpolation, spacing)
+    row["seconds"] = info["seconds"]
+    if "u_before_io" in info:
+        before = info["u_before_io"]
+        row["dice_before_io"] = label_dice(before, t.get("moving_label"), t.get("fixed_label"), labels,
+                                           run.eval.label_interpolation)
+        row["pct_nonpos_jac_before_io"] = jacobian_stats(before)["pct_nonpos_jac"]
+        row["io_seconds"] = info["io_seconds"]
+    row["_warped_label"] = warped_label
+    return row
+
+
+class FinishedPairs:
+    """Rows of finished pairs, one JSON file each in ``folder``, kept until the run's results are
+    written: what a stopped run leaves for ``--resume``."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def files(self) -> list[Path]:
+        return sorted(self.folder.glob("*.json")) if self.folder.is_dir() else []
+
+    def count(self) -> int:
+        return len(self.files())
+
+    def rows(self) -> dict[str, dict]:
+        out = {}
+        for path in self.files():
+            try:
+                row = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue                            # a damaged row: that pair is registered again
+            if isinstance(row, dict) and "case" in row:
+                out[row["case"]] = row
+        return out
+
+    def add(self, row: dict) -> None:
+        ensure_dir(self.folder)
+        text = json.dumps(row, default=float)
+        atomic_write(self.folder / f"{row['case']}.json", lambda tmp: Path(tmp).write_text(text))
+
+    def clear(self) -> None:
+        for path in self.files():
+            path.unlink(missing_ok=True)
+        if self.folder.is_dir() and not any(self.folder.iterdir()):
+            self.folder.rmdir()

@@ -37,6 +37,7 @@ from utils.transforms import AffineMap, FieldMap, resample_image, resample_label
 from .evaluate import evaluate_pair, format_summary_table, mean_dice, summarise, write_results
 from .exports import composed_voxel_displacement, write_l2r
 from .infer import no_network, register_tensors, save_pair_outputs
+from .pipeline import prefetched
 from .runtime import bar_disabled, limit_heap_retention, provenance, resolve_device
 
 PAIR_COLUMNS = ("moving", "fixed", "moving_label", "fixed_label", "name")
@@ -203,8 +204,10 @@ def register_files(pairs: list[PairFiles], checkpoint, out_dir, *, run: RunConfi
         model = model.to(device).eval()
     out_dir = Path(out_dir)
     rows = []
-    for files in tqdm(pairs, desc="registration", disable=bar_disabled(progress)):
-        p = load_pair(files, run.data, alignment, alignment_settings, device)
+    # the next pair is read (and pre-aligned) in the background while the network runs
+    loaded = prefetched(pairs, lambda f: load_pair(f, run.data, alignment, alignment_settings, device),
+                        run.eval.background)
+    for files, p in tqdm(loaded, total=len(pairs), desc="registration", disable=bar_disabled(progress)):
         shape = p["fixed"].shape
         if model is not None and padded_size(shape) != tuple(shape):
             p["notes"].append(f"network input zero-padded from {shape} to {padded_size(shape)}, field cropped back")
@@ -258,7 +261,7 @@ def write_pair(out_dir: Path, files: PairFiles, p: dict, u: torch.Tensor, run: R
         row["dice_affine"] = mean_dice(as_tensor(p["moving_label_aligned"]), fl, labels)
     wl_t = torch.from_numpy(wl)[None, None] if wl is not None else None
     save_pair_outputs(out_dir, files.case, fixed, torch.from_numpy(warped)[None, None], u, wl_t)
-    if p["alignment"].kind != "none":
+    if p["alignment"].kind != "none" or "itk" in exports:       # (the identity without pre-alignment)
         write_itk_affine(out_dir / f"{files.case}_affine.txt", matrix)
     if "itk" in exports:
         write_itk_displacement(out_dir / f"{files.case}_itk_displacement.nii.gz", u, fixed)

@@ -21,25 +21,29 @@ import torch
 import torch.nn.functional as F
 
 AFFINE_KINDS = ("none", "rigid", "affine")
+# Adam steps per level: mutual information's gradient is noisier (sampled voxels, Parzen windows)
+DEFAULT_STEPS = {"ncc": (60, 30, 10), "mi": (60, 30, 30)}
 
 
 @dataclass
 class AlignmentSettings:
     """Coarse-to-fine schedule: one entry per level (downsampling factor, Adam steps, step size)."""
-    factors: tuple = (4, 2)
-    steps: tuple = (80, 20)
-    learning_rates: tuple = (0.03, 0.005)
+    factors: tuple = (8, 4, 2)
+    steps: tuple | None = None    # default: DEFAULT_STEPS of the metric
+    learning_rates: tuple = (0.04, 0.01, 0.003)
     metric: str = "ncc"           # 'ncc' (same modality) or 'mi' (mutual information, any modalities)
     mi_bins: int = 32
     mi_samples: int = 10000       # voxels sampled per level for mutual information
     finest_size: int = 32         # small volumes: all factors halved until the finest level has this many voxels
 
     def __post_init__(self):
+        if self.metric not in ALIGNMENT_METRICS:
+            raise ValueError(f"alignment metric must be one of {sorted(ALIGNMENT_METRICS)}, got {self.metric!r}")
+        if self.steps is None:
+            self.steps = DEFAULT_STEPS[self.metric]
         if not (len(self.factors) == len(self.steps) == len(self.learning_rates)) or not self.factors:
             raise ValueError(f"alignment schedule: factors {self.factors}, steps {self.steps} and learning rates "
                              f"{self.learning_rates} must be non-empty and of one length")
-        if self.metric not in ALIGNMENT_METRICS:
-            raise ValueError(f"alignment metric must be one of {sorted(ALIGNMENT_METRICS)}, got {self.metric!r}")
 
 
     def factors_for(self, shape) -> tuple:
@@ -73,14 +77,19 @@ def masked_ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Te
     return cov / ((w * da * da).sum() * (w * db * db).sum()).clamp_min(1e-12).sqrt()
 
 
-def mutual_information(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, bins: int = 32) -> torch.Tensor:
-    """Mutual information (nats) of intensities in [0, 1] over ``mask``, with Gaussian Parzen windows."""
-    centres = torch.linspace(0.0, 1.0, bins, dtype=a.dtype, device=a.device)
-    sigma = 1.0 / (bins - 1)
-    wa = torch.exp(-0.5 * ((a[:, None] - centres) / sigma) ** 2)
-    wb = torch.exp(-0.5 * ((b[:, None] - centres) / sigma) ** 2)
-    wa = wa / wa.sum(1, keepdim=True).clamp_min(1e-12) * mask[:, None]
-    wb = wb / wb.sum(1, keepdim=True).clamp_min(1e-12)
+def parzen_weights(values: torch.Tensor, bins: int = 32) -> torch.Tensor:
+    """Gaussian Parzen-window bin weights of intensities in [0, 1]: (N,) -> (N, bins), rows summing to 1."""
+    centres = torch.linspace(0.0, 1.0, bins, dtype=values.dtype, device=values.device)
+    w = torch.exp(-0.5 * ((values[:, None] - centres) * (bins - 1)) ** 2)
+    return w / w.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def mutual_information(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, bins: int = 32,
+                       b_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mutual information (nats) of intensities in [0, 1] over ``mask``, with Gaussian Parzen windows.
+    ``b_weights``: ``parzen_weights(b, bins)`` when already computed (a fixed image's)."""
+    wa = parzen_weights(a, bins) * mask[:, None]
+    wb = parzen_weights(b, bins) if b_weights is None else b_weights
     joint = wa.t() @ wb
     joint = joint / joint.sum().clamp_min(1e-12)
     pa, pb = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
@@ -177,12 +186,25 @@ def align_volumes(moving: np.ndarray, moving_affine: np.ndarray, fixed: np.ndarr
         raise ValueError(f"affine alignment kind must be one of {AFFINE_KINDS}, got {kind!r}")
     settings = settings or AlignmentSettings()
     t0 = time.perf_counter()
-    measure = ALIGNMENT_METRICS[settings.metric]
-    score = (lambda a, b, m: measure(a, b, m, settings.mi_bins)) if settings.metric == "mi" else measure
+    if settings.metric == "ncc":
+        score = masked_ncc
+    else:
+        fixed_weights: dict = {}             # the fixed side's Parzen weights, once per level
+
+        def score(a, b, m):
+            if id(b) not in fixed_weights:
+                fixed_weights.clear()
+                fixed_weights[id(b)] = (b, parzen_weights(b, settings.mi_bins))
+            return mutual_information(a, b, m, settings.mi_bins, fixed_weights[id(b)][1])
     fixed_affine = np.asarray(fixed_affine, dtype=np.float64)
     moving_affine = np.asarray(moving_affine, dtype=np.float64)
     if kind == "none":
         return AlignmentResult(np.eye(4), kind, settings.metric, float("nan"), float("nan"), 0.0)
+    with torch.inference_mode(False), torch.enable_grad():      # whatever the caller's mode
+        return _optimise(moving, moving_affine, fixed, fixed_affine, kind, settings, score, device, t0)
+
+
+def _optimise(moving, moving_affine, fixed, fixed_affine, kind, settings, score, device, t0) -> AlignmentResult:
 
     fixed_t = torch.from_numpy(robust_unit(fixed))[None, None].to(device)
     moving_t = torch.from_numpy(robust_unit(moving))[None, None].to(device)
@@ -244,5 +266,5 @@ def rotation_angle_deg(rotation: np.ndarray) -> float:
 
 
 __all__ = ["AFFINE_KINDS", "ALIGNMENT_METRICS", "AlignmentSettings", "AlignmentResult", "align_volumes",
-           "masked_ncc", "mutual_information", "rotation_matrix", "centre_of_mass", "robust_unit",
+           "masked_ncc", "mutual_information", "parzen_weights", "rotation_matrix", "centre_of_mass", "robust_unit",
            "rotation_angle_deg"]

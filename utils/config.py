@@ -240,6 +240,7 @@ class EvalConfig:
     max_pairs: int = 0                     # test pairs evaluated (0 = all)
     amp: bool = False                      # mixed precision for the network (bf16 on native-bf16 CPUs; fields fp32)
     compile: bool = False                  # torch.compile the network (fixed shapes; compiles on the first pair)
+    background: bool = True                # read the next pair and write results in background threads
     # instance optimisation (engine/instance_opt.py): refine each pair's field on its own
     # unsupervised loss (the run's similarity; MIND when training used labels only)
     io_steps: int = 0                      # Adam steps per pair (0 = the network's field as it is)

@@ -64,18 +64,28 @@ def random_velocity(shape, rng: np.random.Generator, max_length: float, sigma: f
     return torch.from_numpy(v / length * max_length)[None].float()
 
 
-def random_affine_field(shape, rng: np.random.Generator, s: DemoSettings) -> torch.Tensor:
-    """Displacement (1, 3, D, H, W) of x -> A (x - c) + c + t with a small random A and t."""
-    angles = np.deg2rad(rng.uniform(-s.rotation_deg, s.rotation_deg, 3))
+def rotation_about_axes(angles_rad) -> np.ndarray:
+    """R = R0 R1 R2, R_i a rotation by angles_rad[i] about array axis i."""
     rot = np.eye(3)
-    for axis, a in enumerate(angles):
+    for axis, a in enumerate(angles_rad):
         i, j = [k for k in range(3) if k != axis]
         r = np.eye(3)
         r[i, i] = r[j, j] = np.cos(a)
         r[i, j], r[j, i] = -np.sin(a), np.sin(a)
         rot = rot @ r
+    return rot
+
+
+def random_affine_field(shape, rng: np.random.Generator, s: DemoSettings) -> torch.Tensor:
+    """Displacement (1, 3, D, H, W) of x -> A (x - c) + c + t with a small random A and t."""
+    rot = rotation_about_axes(np.deg2rad(rng.uniform(-s.rotation_deg, s.rotation_deg, 3)))
     A = rot @ np.diag(1.0 + rng.uniform(-s.scaling, s.scaling, 3))
-    t = rng.uniform(-s.translation, s.translation, 3)
+    return affine_field(shape, A, rng.uniform(-s.translation, s.translation, 3))
+
+
+def affine_field(shape, matrix: np.ndarray, translation) -> torch.Tensor:
+    """Displacement (1, 3, D, H, W) of x -> matrix (x - c) + c + translation, c the volume centre (voxels)."""
+    A, t = np.asarray(matrix, dtype=np.float64), np.asarray(translation, dtype=np.float64)
     x = identity_grid(shape, dtype=torch.float64)[0].numpy().reshape(3, -1)
     c = (np.array(shape, dtype=np.float64)[:, None] - 1) / 2
     u = (A - np.eye(3)) @ (x - c) + t[:, None]
@@ -94,11 +104,14 @@ def intensity_changes(img: np.ndarray, rng: np.random.Generator, s: DemoSettings
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
-def make_subject(t1: np.ndarray, labels: np.ndarray, seed: int, settings: DemoSettings | None = None):
+def make_subject(t1: np.ndarray, labels: np.ndarray, seed: int, settings: DemoSettings | None = None,
+                 misalignment: tuple[float, float] | None = None):
     """One synthetic subject: (image, labels, displacement u (1, 3, D, H, W)).
 
     ``image(x) = intensity(t1(x + u(x)))`` and ``labels(x) = template_labels(x + u(x))``,
-    with u the deformation followed by the affine.
+    with u the deformation followed by the affine. ``misalignment`` = (degrees, voxels) adds,
+    last, a rotation by that angle about array axis 2 and a shift by that many voxels along
+    axis 0: the same subject, misaligned, still made by one interpolation of the template.
     """
     s = settings or DemoSettings()
     rng = np.random.default_rng(seed)
@@ -107,6 +120,9 @@ def make_subject(t1: np.ndarray, labels: np.ndarray, seed: int, settings: DemoSe
                                               s.smoothness / s.downsample), 7)
     u_aff = random_affine_field(shape, rng, DemoSettings(**{**s.__dict__, "translation": s.translation / s.downsample}))
     u = compose(u_aff, u_def)
+    if misalignment is not None:
+        degrees, voxels = misalignment
+        u = compose(affine_field(shape, rotation_about_axes([0.0, 0.0, np.deg2rad(degrees)]), [voxels, 0.0, 0.0]), u)
     img = warp(torch.from_numpy(t1)[None, None], u)[0, 0].numpy()
     lab = warp_labels(torch.from_numpy(labels.astype(np.int64))[None, None], u)[0, 0].numpy().astype(np.int16)
     return intensity_changes(img, rng, s), lab, u

@@ -44,9 +44,12 @@ class ResultFolder:
         self.path, self.previous = path, previous
 
     @classmethod
-    def claim(cls, path, overwrite: bool = False) -> "ResultFolder":
+    def claim(cls, path, overwrite: bool = False, resume: bool = False) -> "ResultFolder":
+        """``resume``: the folder holds a stopped run that this one continues; its files are kept."""
         path = ensure_dir(path)
         previous = result_files(path)
+        if resume:
+            return cls(path, {})
         if previous and not overwrite:
             shown = ", ".join(str(p.relative_to(path)) for p in previous[:4])
             more = f" and {len(previous) - 4} more" if len(previous) > 4 else ""

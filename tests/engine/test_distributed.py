@@ -61,3 +61,30 @@ def test_torchrun_two_processes_train_in_sync(tmp_path):
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert inf.returncode == 0, inf.stderr
     assert (out / "summary.json").is_file()
+
+
+def test_torchrun_shards_inference_and_merges_the_same_rows(tmp_path):
+    from models import build_model, save_model
+    from utils.config import ModelConfig
+    data = write_oasis(tmp_path / "OASIS", n_train=1, n_test=3)          # 3 pairs: uneven over 2 ranks
+    ckpt = save_model(tmp_path / "tiny.pth", build_model(ModelConfig(widths=(4, 8, 16, 16, 16), num_heads=2,
+                                                                     window_size=(2, 2, 2))))
+    sets = [a for o in quick_overrides("OASIS") for a in ("--set", o)]
+    common = [str(ROOT / "Infer_OASIS.py"), "--data-root", str(data), "--checkpoint", str(ckpt), "--device", "cpu",
+              "--no-progress", *sets]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={_free_port()}", *common, "--output-dir", str(tmp_path / "two")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("3 test pairs") == 1 and "2 ranks" in two.stdout        # rank 0 reports, once
+    one = subprocess.run([sys.executable, *common, "--output-dir", str(tmp_path / "one")], capture_output=True,
+                         text=True, cwd=ROOT, timeout=600, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    def rows(folder):
+        with open(folder / "per_case.csv") as fh:
+            return sorted(({k: v for k, v in r.items() if k not in ("seconds", "end_to_end_seconds")}
+                           for r in csv.DictReader(fh)), key=lambda r: r["case"])
+    assert rows(tmp_path / "two") == rows(tmp_path / "one") and len(rows(tmp_path / "one")) == 3
+    assert not (tmp_path / "two" / "partial").exists()

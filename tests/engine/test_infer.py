@@ -1,0 +1,70 @@
+"""Cohort inference: a stopped run resumes without redoing finished pairs, and the background
+pipeline changes nothing in the results."""
+import csv
+
+import pytest
+
+import engine.infer as infer_module
+from engine.assembly import assemble_run
+from engine.infer import infer
+from models import build_model, save_model
+from tests.layouts import quick_overrides, write_oasis
+from utils.config import ModelConfig
+from utils.io import DataError
+
+TIMING = ("seconds", "end_to_end_seconds", "io_seconds")
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cohort")
+    data = write_oasis(d / "OASIS", n_train=1, n_test=4)
+    model = build_model(ModelConfig(widths=(4, 8, 16, 16, 16), num_heads=2, window_size=(2, 2, 2)))
+    return {"data": data, "ckpt": save_model(d / "tiny.pth", model), "dir": d}
+
+
+def _run(setting, out, **settings):
+    return assemble_run("OASIS", overrides=quick_overrides("OASIS"),
+                        settings={"data.root": str(setting["data"]), "output_dir": str(out), "device": "cpu", **settings})
+
+
+def _rows(out):
+    with open(out / "per_case.csv") as fh:
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in csv.DictReader(fh)]
+
+
+def test_background_pipeline_gives_the_plain_loop_s_results(setting, tmp_path):
+    plain = infer(_run(setting, tmp_path / "plain", **{"eval.background": False}), setting["ckpt"], progress=False)
+    background = infer(_run(setting, tmp_path / "bg"), setting["ckpt"], progress=False, save_nifti=True)
+    assert len(plain["rows"]) == 4
+    assert _rows(tmp_path / "plain") == _rows(tmp_path / "bg")
+    assert len(list((tmp_path / "bg" / "nifti").glob("*_displacement.nii.gz"))) == 4
+    assert all(r["end_to_end_seconds"] >= r["seconds"] * 0.5 for r in background["rows"])
+
+
+def test_a_stopped_run_resumes_without_redoing_finished_pairs(setting, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    infer(_run(setting, full), setting["ckpt"], progress=False)
+    calls = []
+    real = infer_module.register_tensors
+
+    def stopping(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt                     # the run is stopped during its third pair
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(infer_module, "register_tensors", stopping)
+    out = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        infer(_run(setting, out), setting["ckpt"], progress=False)
+    assert len(list((out / "partial").glob("*.json"))) == 2 and not (out / "per_case.csv").exists()
+    # a fresh run into that folder is refused: it would lose the stopped run's work
+    with pytest.raises(DataError, match="finished pair"):
+        infer(_run(setting, out), setting["ckpt"], progress=False)
+    calls.clear()
+    monkeypatch.setattr(infer_module, "register_tensors", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    result = infer(_run(setting, out), setting["ckpt"], progress=False, resume=True)
+    assert len(calls) == 2                                  # only the two pairs not finished before
+    assert _rows(out) == _rows(full)
+    assert not (out / "partial").exists()
+    assert result["rows"][0]["case"] == _rows(full)[0]["case"]
