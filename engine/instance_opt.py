@@ -5,9 +5,10 @@ correction ``delta`` is optimised with Adam on the unsupervised loss of this one
 
     loss(u) = similarity(warp(moving, u), fixed) + reg_weight * Grad-l2(u),   u = u0 + up(S(delta)),
 
-never on labels; S is ``smoothing`` 3x3x3 mean filters. ``scale`` > 1 optimises at a coarser resolution for speed: the images are
-average-pooled by ``scale``, ``u0`` is resized to that grid, and the refined coarse field is
-resized back to full size at the end (``delta`` is a field on that coarse control grid).
+never on labels; S is ``smoothing`` 3x3x3 mean filters. ``scale`` > 1 optimises at a coarser
+resolution for speed: the images are average-pooled by ``scale``, ``u0`` is resized to that
+grid, and the refined coarse field is resized back to full size at the end (``delta`` is a
+field on that coarse control grid); ``fine_steps`` then refine it at full resolution.
 The field with the lowest loss seen is returned, so the loss of the result never exceeds
 that of ``u0`` on the grid the loss is evaluated on.
 """
@@ -46,7 +47,8 @@ def _downsample(image: torch.Tensor, size) -> torch.Tensor:
 
 def instance_optimise(moving: torch.Tensor, fixed: torch.Tensor, u0: torch.Tensor | None = None, *,
                       steps: int = 50, lr: float = 2.0, reg_weight: float = 5.0, similarity: str = "ncc",
-                      ncc_window: int = 5, scale: int = 2, smoothing: int = 3) -> IOResult:
+                      ncc_window: int = 5, scale: int = 2, smoothing: int = 3, fine_steps: int = 0,
+                      fine_lr: float = 0.5, fine_reg_weight: float = 3.0, fine_smoothing: int = 1) -> IOResult:
     """Refine ``u0`` for this pair (see the module docstring).
 
     Args:
@@ -60,13 +62,24 @@ def instance_optimise(moving: torch.Tensor, fixed: torch.Tensor, u0: torch.Tenso
         scale: optimise on a grid ``scale`` times coarser (1 = full resolution).
         smoothing: 3x3x3 mean filters applied to the correction inside the loss (a cheap
             preconditioner: each step moves a neighbourhood, not single voxels).
+        fine_steps: with ``scale`` > 1, this many more steps at full resolution, from the
+            coarse result (coarse to fine: the coarse steps do the long way cheaply), with
+            their own ``fine_lr`` (voxels; Adam's first steps move every voxel by about this
+            much, so it is small), ``fine_reg_weight`` and ``fine_smoothing``.
     Returns:
         IOResult with the refined full-size displacement (float32, no gradient).
     """
     check_volume(moving, "moving")
     check_volume(fixed, "fixed")
     check_same_spatial(moving, fixed, "moving", "fixed")
-    if steps < 0 or scale < 1 or lr <= 0 or reg_weight < 0 or smoothing < 0:
+    if fine_steps and scale > 1 and steps > 0:
+        coarse = instance_optimise(moving, fixed, u0, steps=steps, lr=lr, reg_weight=reg_weight,
+                                   similarity=similarity, ncc_window=ncc_window, scale=scale, smoothing=smoothing)
+        fine = instance_optimise(moving, fixed, coarse.u, steps=fine_steps, lr=fine_lr, reg_weight=fine_reg_weight,
+                                 similarity=similarity, ncc_window=ncc_window, scale=1, smoothing=fine_smoothing)
+        return IOResult(u=fine.u, losses=coarse.losses + fine.losses, best_loss=fine.best_loss,
+                        seconds=coarse.seconds + fine.seconds)
+    if steps < 0 or fine_steps < 0 or scale < 1 or lr <= 0 or reg_weight < 0 or smoothing < 0:
         raise ValueError(f"instance optimisation: expected steps >= 0, scale >= 1, lr > 0, reg_weight >= 0 and "
                          f"smoothing >= 0, got steps={steps}, scale={scale}, lr={lr}, reg_weight={reg_weight}, "
                          f"smoothing={smoothing}")
@@ -131,7 +144,8 @@ def refine_for_run(run, moving: torch.Tensor, fixed: torch.Tensor, u0: torch.Ten
     e = run.eval
     return instance_optimise(moving, fixed, u0, steps=e.io_steps, lr=e.io_lr, reg_weight=e.io_weight,
                              similarity=io_similarity(run.train.similarity), ncc_window=e.io_ncc_window,
-                             scale=e.io_scale, smoothing=e.io_smoothing)
+                             scale=e.io_scale, smoothing=e.io_smoothing, fine_steps=e.io_fine_steps,
+                             fine_lr=e.io_fine_lr, fine_reg_weight=e.io_fine_weight, fine_smoothing=e.io_fine_smoothing)
 
 
 __all__ = ["IOResult", "instance_optimise", "coarse_shape", "SIMILARITIES", "io_similarity", "refine_for_run"]

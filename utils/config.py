@@ -247,12 +247,20 @@ class EvalConfig:
     io_lr: float = 2.0                     # voxels of the optimisation grid per step
     io_weight: float = 5.0                 # weight of the Grad-l2 smoothness term
     io_scale: int = 2                      # optimise on a grid this many times coarser
+    io_fine_steps: int = 12                # then this many steps at full resolution (coarse to fine)
+    io_fine_lr: float = 0.5                # their step size (voxels)
+    io_fine_weight: float = 3.0            # their smoothness weight
+    io_fine_smoothing: int = 1             # their 3x3x3 mean filters
     io_smoothing: int = 3                  # 3x3x3 mean filters applied to the correction
     io_ncc_window: int = 5                 # NCC window on the optimisation grid
 
     def __post_init__(self):
         if self.label_interpolation not in ("nearest", "onehot"):
             raise ValueError(f"EvalConfig.label_interpolation must be nearest or onehot, got {self.label_interpolation!r}")
+        if self.io_fine_steps < 0 or self.io_fine_lr <= 0 or self.io_fine_weight < 0 or self.io_fine_smoothing < 0:
+            raise ValueError("EvalConfig: expected io_fine_steps >= 0, io_fine_lr > 0, io_fine_weight >= 0, "
+                             f"io_fine_smoothing >= 0; got {self.io_fine_steps}, {self.io_fine_lr}, "
+                             f"{self.io_fine_weight}, {self.io_fine_smoothing}")
         if self.io_steps < 0 or self.io_lr <= 0 or self.io_weight < 0 or self.io_scale < 1 or self.io_smoothing < 0:
             raise ValueError("EvalConfig: expected io_steps >= 0, io_lr > 0, io_weight >= 0, io_scale >= 1, "
                              f"io_smoothing >= 0; got {self.io_steps}, {self.io_lr}, {self.io_weight}, "

@@ -18,20 +18,53 @@ def _fp32(*xs: torch.Tensor):
     return tuple(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x for x in xs)
 
 
-def box_sum(x: torch.Tensor, win: int) -> torch.Tensor:
-    """Sum over a cubic window of side ``win`` around each voxel (zero-padded), same size.
+SHIFT_ADD_MAX_WINDOW = 9      # up to this window, shifted adds beat running sums (and round less)
 
-    Separable, and each 1-D pass is a difference of a running sum (cumsum), so the cost per
-    voxel does not grow with the window; about 3x faster than pooling, forward and backward.
-    """
+
+def _box_sum(x: torch.Tensor, win: int) -> torch.Tensor:
     r = win // 2
     for dim in (2, 3, 4):
         n = x.shape[dim]
-        pad = [0] * 6
-        pad[2 * (4 - dim)], pad[2 * (4 - dim) + 1] = r + 1, r      # F.pad lists the last axis first
-        running = F.pad(x, pad).cumsum(dim)
-        x = running.narrow(dim, win, n) - running.narrow(dim, 0, n)
+        if win <= SHIFT_ADD_MAX_WINDOW:
+            out = x.clone()
+            for s in range(1, min(r, n - 1) + 1):
+                out.narrow(dim, s, n - s).add_(x.narrow(dim, 0, n - s))
+                out.narrow(dim, 0, n - s).add_(x.narrow(dim, s, n - s))
+            x = out
+        else:
+            pad = [0] * 6
+            pad[2 * (4 - dim)], pad[2 * (4 - dim) + 1] = r + 1, r      # F.pad lists the last axis first
+            running = F.pad(x, pad).cumsum(dim)
+            x = running.narrow(dim, win, n) - running.narrow(dim, 0, n)
     return x
+
+
+class _BoxSum(torch.autograd.Function):
+    """The window is symmetric and zero-padded, so the filter is its own adjoint: the gradient
+    is the box sum of the incoming gradient (no graph of pads, cumsums and slices is kept)."""
+
+    @staticmethod
+    def forward(ctx, x, win):
+        ctx.win = win
+        return _box_sum(x, win)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _box_sum(grad.contiguous(), ctx.win), None
+
+
+def box_sum(x: torch.Tensor, win: int) -> torch.Tensor:
+    """Sum over a cubic window of side ``win`` (odd) around each voxel (zero-padded), same size.
+
+    Separable: each 1-D pass adds shifted copies (windows up to 9, about 3x faster than a
+    running sum at 5) or takes a difference of a running sum (cumsum; cost independent of the
+    window). Its backward pass is the same box sum of the gradient.
+    """
+    if win < 1 or win % 2 == 0:
+        raise ValueError(f"box_sum: win must be a positive odd integer, got {win}")
+    if x.requires_grad and torch.is_grad_enabled():
+        return _BoxSum.apply(x, win)
+    return _box_sum(x, win)
 
 
 # ---------------------------------------------------------------------------

@@ -99,3 +99,13 @@ def test_infer_with_io_and_without_a_network(tmp_path):
     # 'none' without IO steps is refused with a message
     assert infer_main("OASIS", ["--data-root", str(data), "--checkpoint", "none", "--output-dir", str(out),
                                 "--no-progress", *sets]) == 2
+
+
+def test_coarse_to_fine_lowers_the_full_resolution_loss_of_the_coarse_result(pair):
+    moving, fixed, _, _ = pair
+    settings = dict(steps=30, scale=2, ncc_window=5, reg_weight=1.0)
+    coarse = instance_optimise(moving, fixed, None, **settings)
+    both = instance_optimise(moving, fixed, None, **settings, fine_steps=10, fine_reg_weight=1.0)
+    assert len(both.losses) == len(coarse.losses) + 11            # the same coarse run, then 10 fine steps
+    # evaluated independently, at full resolution
+    assert _loss(moving, fixed, both.u, 1, 1.0, 5) < _loss(moving, fixed, coarse.u, 1, 1.0, 5) - 1e-3
