@@ -64,8 +64,8 @@ def measure(args) -> dict:
     g = torch.Generator().manual_seed(0)
     moving = torch.rand(1, 1, *size, generator=g).to(device)
     fixed = torch.rand(1, 1, *size, generator=g).to(device)
-    amp = args.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    from engine.runtime import amp_dtype as mixed_precision, autocast, precision_name
+    dtype = mixed_precision(device, args.amp)       # bf16 on CPUs with native bf16, as --amp in the scripts
     if args.compiled:
         from engine.runtime import compile_model
         compile_model(model)
@@ -75,7 +75,7 @@ def measure(args) -> dict:
 
     def run():
         mode = torch.enable_grad() if args.plain else torch.inference_mode()
-        with mode, torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+        with mode, autocast(device, dtype):
             u = model(moving, fixed)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -93,7 +93,7 @@ def measure(args) -> dict:
             meta_model(meta_input, meta_input)
         gmacs = counter.get_total_flops() / 2e9
     return {"size": "x".join(map(str, size)), "device": device.type, "threads": args.threads,
-            "amp": (str(amp_dtype).replace("torch.", "") if amp else "fp32") + (", compiled" if args.compiled else "")
+            "amp": precision_name(dtype) + (", compiled" if args.compiled else "")
             + (", plain path" if args.plain else "") + (", released-compatible" if args.compat else ""),
             "first_call_s": m["first_s"] if args.compiled else float("nan"), "params_M": params / 1e6,
             "gmacs": gmacs, "median_s": statistics.median(m["times"]), "min_s": min(m["times"]),
@@ -120,7 +120,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--amp", action="store_true", help="also measure autocast (CUDA only)")
+    p.add_argument("--amp", action="store_true", help="also measure mixed precision (bf16 on CPUs with native bf16 "
+                                                      "and on GPUs that have it, else fp16 on GPUs)")
     p.add_argument("--compile", action="store_true", help="also measure the network under torch.compile")
     p.add_argument("--plain-path", action="store_true", help="also measure the plain (training) path without autograd")
     p.add_argument("--released-compat", action="store_true",
@@ -141,7 +142,7 @@ def main(argv=None):
         return
     rows = []
     variants = [(amp, compiled, False, False) for compiled in ([False, True] if args.compile else [False])
-                for amp in ([False, True] if args.amp and args.device == "cuda" else [False])]
+                for amp in ([False, True] if args.amp else [False])]
     variants += [(False, False, True, False)] if args.plain_path else []
     variants += [(False, False, False, True)] if args.released_compat else []
     for size in args.sizes:

@@ -6,7 +6,6 @@ float64); they exist for speed and memory on the CPU, never for other results.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -123,18 +122,19 @@ def _sum_over_voxels(f: torch.Tensor, squares: bool = False) -> torch.Tensor:
     return total
 
 
-def _instance_norm_relu_bf16(x: torch.Tensor, f: torch.Tensor, eps: float) -> torch.Tensor:
-    """bf16 (B, C, D, H, W): statistics from float32 block sums of x and x**2 (float64 across
-    blocks), applied by PyTorch's fused inference batch norm per sample (its bf16 channels-last
-    kernel is several times faster than in-place bf16 arithmetic). Returns a new tensor for
-    one sample, writes in place for several."""
-    n = f.shape[1]
-    mean = _sum_over_voxels(f) / n
-    var = (_sum_over_voxels(f, squares=True) / n - mean.square()).clamp_min(0.0)
+def _instance_norm_relu_bf16(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """bf16 (B, C, D, H, W), one sample at a time: PyTorch's fused batch norm in training mode
+    over a single sample is the instance norm; its bf16 kernel gathers the statistics in
+    float32 in one pass over the channels-last data (no float32 copy of the features: about
+    4x faster than block sums at full size). Returns a new tensor for one sample, writes in
+    place for several."""
+    def one(sample):
+        return torch.native_batch_norm(sample, None, None, None, None, True, 0.0, eps)[0].relu_()
+
     if x.shape[0] == 1:
-        return F.batch_norm(x, mean[0].float(), var[0].float(), training=False, eps=eps).relu_()
+        return one(x)
     for b in range(x.shape[0]):
-        x[b:b + 1].copy_(F.batch_norm(x[b:b + 1], mean[b].float(), var[b].float(), training=False, eps=eps).relu_())
+        x[b:b + 1].copy_(one(x[b:b + 1]))
     return x
 
 
@@ -147,8 +147,8 @@ def instance_norm_relu_(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     tensor (``_instance_norm_relu_bf16``): use the returned tensor.
     """
     f = _voxels_by_channels(x)
-    if f is not None and x.dtype == torch.bfloat16:
-        return _instance_norm_relu_bf16(x, f, eps)
+    if x.dtype == torch.bfloat16:
+        return _instance_norm_relu_bf16(x, eps)
     if f is None:
         var, mean = torch.var_mean(x, dim=(2, 3, 4), unbiased=False, keepdim=True)
         return x.sub_(mean).mul_(torch.rsqrt(var + eps)).relu_()
