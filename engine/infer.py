@@ -106,6 +106,11 @@ def infer(run: RunConfig, checkpoint, *, save_nifti: bool = False, progress: boo
     folder = ResultFolder.claim(out_dir, overwrite, resume=resume)
     l2r_folder = ResultFolder.claim(l2r_out, overwrite, resume=resume) if l2r_out else None
     done = finished.rows() if resume else {}
+    if resume and not done and (out_dir / "summary.json").is_file():
+        raise DataError(f"{out_dir}: holds a finished run (summary.json) and no stopped one to continue; "
+                        f"give --overwrite to run it again, or choose another output folder")
+    if resume and done:
+        finished.check_same_run(checkpoint, run)
     if not resume and not overwrite and finished.count():
         raise DataError(f"{finished.folder}: holds {finished.count()} finished pair(s) of a stopped run; continue "
                         f"it with --resume, or start again with --overwrite")
@@ -150,6 +155,8 @@ def infer(run: RunConfig, checkpoint, *, save_nifti: bool = False, progress: boo
         finished.add(row)
         rows.append(row)
 
+    if ctx.is_main and not done:
+        finished.start(checkpoint, run)
     background = run.eval.background
     with BackgroundWriter(background) as writer:
         loaded = prefetched(mine, lambda p: cache.pair_tensors(p, device), background)
@@ -212,14 +219,15 @@ def score_pair(run: RunConfig, t: dict, u: torch.Tensor, info: dict) -> dict:
 
 
 class FinishedPairs:
-    """Rows of finished pairs, one JSON file each in ``folder``, kept until the run's results are
-    written: what a stopped run leaves for ``--resume``."""
+    """Rows of finished pairs, one ``<case>.row.json`` each in ``folder``, and the run's checkpoint
+    and settings (``run.json``), kept until the run's results are written: what a stopped run
+    leaves for ``--resume``."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
 
     def files(self) -> list[Path]:
-        return sorted(self.folder.glob("*.json")) if self.folder.is_dir() else []
+        return sorted(self.folder.glob("*.row.json")) if self.folder.is_dir() else []
 
     def count(self) -> int:
         return len(self.files())
@@ -235,13 +243,38 @@ class FinishedPairs:
                 out[row["case"]] = row
         return out
 
+    @staticmethod
+    def signature(checkpoint, run: RunConfig) -> dict:
+        """What must not change between a stopped run and its continuation."""
+        ev = {k: v for k, v in vars(run.eval).items() if k not in ("background", "max_pairs", "compile")}
+        return json.loads(json.dumps({"checkpoint": str(checkpoint), "data": run.to_dict()["data"], "eval": ev},
+                                     default=str))
+
+    def start(self, checkpoint, run: RunConfig) -> None:
+        ensure_dir(self.folder)
+        text = json.dumps(self.signature(checkpoint, run), indent=1)
+        atomic_write(self.folder / "run.json", lambda tmp: Path(tmp).write_text(text))
+
+    def check_same_run(self, checkpoint, run: RunConfig) -> None:
+        """DataError when ``--resume`` would mix rows of another checkpoint or other settings."""
+        path = self.folder / "run.json"
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return                                   # no record (an older stopped run): trust the user
+        now = self.signature(checkpoint, run)
+        diff = [k for k in now if saved.get(k) != now[k]]
+        if diff:
+            raise DataError(f"{self.folder}: the stopped run used another {' and '.join(diff)} than this one; "
+                            f"continue it with the same checkpoint and settings, or start again with --overwrite")
+
     def add(self, row: dict) -> None:
         ensure_dir(self.folder)
         text = json.dumps(row, default=float)
-        atomic_write(self.folder / f"{row['case']}.json", lambda tmp: Path(tmp).write_text(text))
+        atomic_write(self.folder / f"{row['case']}.row.json", lambda tmp: Path(tmp).write_text(text))
 
     def clear(self) -> None:
-        for path in self.files():
+        for path in [*self.files(), self.folder / "run.json"]:
             path.unlink(missing_ok=True)
         if self.folder.is_dir() and not any(self.folder.iterdir()):
             self.folder.rmdir()

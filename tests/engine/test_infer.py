@@ -57,10 +57,14 @@ def test_a_stopped_run_resumes_without_redoing_finished_pairs(setting, tmp_path,
     out = tmp_path / "stopped"
     with pytest.raises(KeyboardInterrupt):
         infer(_run(setting, out), setting["ckpt"], progress=False)
-    assert len(list((out / "partial").glob("*.json"))) == 2 and not (out / "per_case.csv").exists()
+    assert len(list((out / "partial").glob("*.row.json"))) == 2 and not (out / "per_case.csv").exists()
     # a fresh run into that folder is refused: it would lose the stopped run's work
     with pytest.raises(DataError, match="finished pair"):
         infer(_run(setting, out), setting["ckpt"], progress=False)
+    # nor may it continue with other settings: its rows would be mixed with other ones
+    with pytest.raises(DataError, match="another eval"):
+        infer(_run(setting, out, **{"eval.label_interpolation": "onehot"}), setting["ckpt"], progress=False,
+              resume=True)
     calls.clear()
     monkeypatch.setattr(infer_module, "register_tensors", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     result = infer(_run(setting, out), setting["ckpt"], progress=False, resume=True)
@@ -68,3 +72,8 @@ def test_a_stopped_run_resumes_without_redoing_finished_pairs(setting, tmp_path,
     assert _rows(out) == _rows(full)
     assert not (out / "partial").exists()
     assert result["rows"][0]["case"] == _rows(full)[0]["case"]
+    # a finished run has nothing to resume: its results are kept
+    before = (out / "per_case.csv").read_bytes()
+    with pytest.raises(DataError, match="finished run"):
+        infer(_run(setting, out), setting["ckpt"], progress=False, resume=True)
+    assert (out / "per_case.csv").read_bytes() == before
