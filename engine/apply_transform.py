@@ -17,11 +17,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 
-from utils.io import PLCREG_FIELD_INTENT, DataError, check_affine, ensure_dir, load_volume, require_file, save_like
+from utils.io import (PLCREG_FIELD_INTENT, DataError, check_affine, ensure_dir, load_volume, read_nifti_arrays,
+                      require_file, save_like)
 from utils.itk import read_itk_affine, voxel_displacement
 from utils.transforms import AffineMap, FieldMap, resample_image, resample_labels
 
@@ -32,19 +32,15 @@ _INVERTED = re.compile(r"^\[(.+),\s*1\s*\]$")
 
 def read_field(path) -> FieldMap:
     """A displacement field NIfTI (ours in voxels, or ITK/ANTs in LPS millimetres) as a world map."""
-    path = require_file(path, "displacement field")
-    try:
-        img = nib.load(str(path))
-        data = np.asarray(img.dataobj, dtype=np.float64)
-    except Exception as exc:
-        raise DataError(f"{path}: cannot read NIfTI ({type(exc).__name__}: {exc})") from None
+    data, affine, header = read_nifti_arrays(require_file(path, "displacement field"))
+    data = np.asarray(data, dtype=np.float64)
     if data.ndim not in (4, 5) or data.shape[-1] != 3 or (data.ndim == 5 and data.shape[3] != 1):
         raise DataError(f"{path}: not a 3D displacement field: expected shape (X, Y, Z, 1, 3) or (X, Y, Z, 3), "
                         f"got {data.shape}")
     if not np.isfinite(data).all():
         raise DataError(f"{path}: displacement field has NaN/Inf values")
-    affine = check_affine(img.affine, path)
-    name = img.header.get_intent()[2] if data.ndim == 5 else ""
+    affine = check_affine(affine, path)
+    name = header.get_intent()[2] if data.ndim == 5 else ""
     if name == PLCREG_FIELD_INTENT:
         u = np.moveaxis(data.reshape(*data.shape[:3], 3), -1, 0)
     else:

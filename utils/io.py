@@ -105,10 +105,11 @@ def check_affine(affine: np.ndarray, path) -> np.ndarray:
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SIMPLEITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr", ".dcm")
 PLCREG_FIELD_INTENT = "plcreg_voxels"     # NIfTI intent name of this project's own (voxel) displacement files
-_RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])   # flips x and y: RAS <-> LPS (its own inverse)
 
 
-def _read_nifti(path: Path):
+def read_nifti_arrays(path: Path):
+    """(data array as stored, affine, header copy) of a NIfTI file; DataError naming it when unreadable."""
     try:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
@@ -150,7 +151,7 @@ def _read_simpleitk(path: Path):
     lps = np.eye(4)
     lps[:3, :3] = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3) @ np.diag(image.GetSpacing())
     lps[:3, 3] = image.GetOrigin()
-    return np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0)), _RAS_FROM_LPS @ lps, None
+    return np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0)), RAS_TO_LPS @ lps, None
 
 
 def volume_format(path) -> str:
@@ -178,7 +179,7 @@ def load_volume(path, kind: str = "image") -> Volume:
         require_file(path, "file")
     fmt = volume_format(path)
     if fmt == "nifti":
-        data, affine, header = _read_nifti(require_file(path, "file"))
+        data, affine, header = read_nifti_arrays(require_file(path, "file"))
     else:
         if not path.is_dir():
             require_file(path, "file")

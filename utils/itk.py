@@ -23,9 +23,8 @@ import nibabel as nib
 import numpy as np
 
 from .checks import as_spatial_field
-from .io import PLCREG_FIELD_INTENT, DataError, atomic_write, require_file
+from .io import RAS_TO_LPS, DataError, atomic_write, require_file
 
-RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 AFFINE_TYPES = ("AffineTransform_double_3_3", "AffineTransform_float_3_3", "MatrixOffsetTransformBase_double_3_3",
                 "MatrixOffsetTransformBase_float_3_3")
 
@@ -136,5 +135,5 @@ def read_itk_affine(path) -> np.ndarray:
     return RAS_TO_LPS @ lps @ RAS_TO_LPS
 
 
-__all__ = ["RAS_TO_LPS", "PLCREG_FIELD_INTENT", "itk_displacement", "voxel_displacement", "write_itk_displacement",
+__all__ = ["RAS_TO_LPS", "itk_displacement", "voxel_displacement", "write_itk_displacement",
            "itk_affine_text", "write_itk_affine", "read_itk_affine"]
