@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .cpu_kernels import (_onednn_applies, _onednn_supports, channels_last, cpu_bf16_autocast, instance_norm_relu_,
-                          onednn_conv3d, onednn_conv3d_bf16)
+from .cpu_kernels import (_HAS_FUSED_ADD, _onednn_applies, _onednn_supports, channels_last, cpu_bf16_autocast,
+                          instance_norm_relu_, onednn_conv3d, onednn_conv3d_add_, onednn_conv3d_bf16)
 
 
 class Conv3d(nn.Conv3d):
@@ -41,12 +41,23 @@ class Conv3d(nn.Conv3d):
         elif _onednn_applies(x, self.padding_mode, self.padding) and torch.backends.mkldnn.enabled:
             if torch.is_grad_enabled():
                 return torch.mkldnn_convolution(x, weight, bias, self.padding, self.stride, self.dilation, self.groups)
-            # inference: channels-last in and out (a one-channel input is both layouts, and
-            # oneDNN then answers contiguous)
+            # inference: channels-last in and out
             y = torch.mkldnn_convolution(channels_last(x), weight, bias, self.padding, self.stride, self.dilation,
                                          self.groups)
             return channels_last(y)
         return self._conv_forward(x, weight, bias)
+
+    def add_to_(self, out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``out += conv(x)`` with the given weight and no bias; in place, fused into the
+        convolution for CPU inference (bf16 under CPU autocast, else float32, out channels-last)."""
+        fused = (_HAS_FUSED_ADD and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                 and torch.backends.mkldnn.enabled and out.is_contiguous(memory_format=torch.channels_last_3d)
+                 and _onednn_supports(x, self.padding_mode, self.padding)
+                 and out.dtype == (torch.bfloat16 if self._bf16_inference(x) else torch.float32)
+                 and (out.dtype == torch.bfloat16 or _onednn_applies(x, self.padding_mode, self.padding)))
+        if fused:
+            return onednn_conv3d_add_(out, x, weight, self.padding, self.stride, self.dilation, self.groups)
+        return out.add_(self.forward_with(x, weight, None))
 
 
 class _LayerNormAct(nn.Sequential):
@@ -72,14 +83,19 @@ class ConvNormAct(_LayerNormAct):
 
 def conv_of_parts(conv: nn.Conv3d, parts: list[torch.Tensor]) -> torch.Tensor:
     """``conv(torch.cat(parts, dim=1))`` without building the concatenation: one convolution per
-    part with its slice of the weights, summed in place (same values; no full-size input copy)."""
+    part with its slice of the weights, each added in place to the first one's result (fused into
+    the convolution on the CPU; same values; no full-size input copy)."""
     out, start = None, 0
     for part in parts:
         stop = start + part.shape[1]
-        weight, bias = conv.weight[:, start:stop], conv.bias if out is None else None
-        y = conv.forward_with(part, weight, bias) if isinstance(conv, Conv3d) else conv._conv_forward(part, weight, bias)
-        out = y if out is None else out.add_(y)
-        del y
+        weight = conv.weight[:, start:stop]
+        if out is None:
+            out = (conv.forward_with(part, weight, conv.bias) if isinstance(conv, Conv3d)
+                   else conv._conv_forward(part, weight, conv.bias))
+        elif isinstance(conv, Conv3d):
+            out = conv.add_to_(out, part, weight)
+        else:
+            out = out.add_(conv._conv_forward(part, weight, None))
         start = stop
     if start != conv.in_channels:
         raise ValueError(f"conv_of_parts: parts have {start} channels, the convolution takes {conv.in_channels}")

@@ -25,7 +25,7 @@ from utils.spatial import (SpatialTransformer, compose, integrate_velocity, rele
                            upsample_displacement_released)
 
 from .blocks import DoubleConv, FlowHead, UpConv
-from .cpu_kernels import avg_pool2_channels_last
+from .cpu_kernels import avg_pool2_channels_last, warp_by_gather
 from .polaca import PoLaCA
 from .registry import register_model
 
@@ -220,7 +220,7 @@ class PLCReg(nn.Module):
             m, f = mov.pop(), fix.pop()          # coarsest first; a used level is let go at once
             if phi is not None:
                 phi = self._upsample(phi, m.shape[2:])
-                m = self.transformer(m, phi)
+                m = self._warp_features(m, phi)
             pair = [m, f]
             del m, f
             phi, context = self._run_level(lvl, pair, phi, context)
@@ -233,6 +233,15 @@ class PLCReg(nn.Module):
         if self.config.released_compat:
             flow = released_sampling_field(flow)
         return (flow, fields) if return_levels else flow
+
+    def _warp_features(self, features: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        """A level's moving features warped by the field from the coarser level. CPU inference
+        gathers rows of the channels-last features (``warp_by_gather``: same values, several
+        times faster than ``grid_sample`` and no float32 copy of bf16 features)."""
+        if (not torch.is_grad_enabled() and features.device.type == "cpu" and phi.dtype == torch.float32
+                and features.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling()):
+            return warp_by_gather(features, phi)
+        return self.transformer(features, phi)
 
     def _upsample(self, phi: torch.Tensor, size) -> torch.Tensor:
         """The coarse field on the next finer level's grid, in that level's voxels."""

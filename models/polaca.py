@@ -68,16 +68,68 @@ def window_reverse_released(windows: torch.Tensor, window: Sequence[int], size: 
 # ---------------------------------------------------------------------------
 # attention inside windows
 # ---------------------------------------------------------------------------
-def _polarity_stream(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
-    """Linear attention ``q (k^T v / N) / (q . mean(k) + eps)``.
+def polarity_split(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``[ReLU(x)**p, ReLU(-x)**p]`` along the last axis: (..., d) -> (..., 2d).
 
-    q, k: (B', h, N, 2 hd); v: (B', h, N, hd / 2) -> (B', h, N, hd / 2). The cheaper
-    association (k^T v first, then q) is exact and costs O(N) instead of O(N^2).
+    One power per element (``|x|**p``, then split by sign), not one per half. ``p`` (d,)
+    broadcasts over the leading axes.
     """
-    n = k.shape[-2]
-    kv = torch.matmul(k.transpose(-2, -1), v) / n
-    z = torch.matmul(q, k.mean(dim=-2, keepdim=True).transpose(-2, -1)) + eps
-    return torch.matmul(q, kv) / z
+    a = x.abs().pow(p)
+    signed = a.copysign(x)
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        pos = signed.clamp_min(0)
+        return torch.cat([pos, a - pos], dim=-1)
+    out = a.new_empty((*a.shape[:-1], 2 * a.shape[-1]))      # without autograd: no concatenation
+    pos, neg = out.chunk(2, dim=-1)
+    torch.clamp_min(signed, 0, out=pos)
+    torch.sub(a, pos, out=neg)
+    return out
+
+
+def stream_matrix(g: torch.Tensor, s: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The two polarity streams of every head as one matrix on ``[q+ | q-]`` (see
+    :func:`polarity_streams`).
+
+    g: ``[k+ | k-]^T v / N`` (B', 2d, d); s: ``mean [k+ | k-]`` (B', 2d) ->
+    (B', 2d, d + 2h): value columns, then the same-sign and the opposite-sign normalisers
+    of each head. Entries between different heads are zero. The first half of each head's
+    value channels reads ``[q+, q-]`` against ``[k+, k-]`` (agreement), the second half
+    ``[q-, q+]`` (disagreement), which is the same product with the key signs swapped.
+    """
+    b, two_d, d = g.shape
+    hd = d // num_heads
+    head = torch.arange(d, device=g.device) // hd
+    same_head = (head.unsqueeze(1) == head.unsqueeze(0)).to(g.dtype)                  # (d, d)
+    opposite_col = (torch.arange(d, device=g.device) % hd) >= hd // 2                 # (d,)
+    g = g.view(b, 2, d, d)
+    values = torch.where(opposite_col, g.flip(1), g) * same_head
+    member = (head.unsqueeze(1) == torch.arange(num_heads, device=g.device)).to(g.dtype)   # (d, h)
+    s = s.view(b, 2, d, 1)
+    norms = torch.cat([s * member, s.flip(1) * member], dim=-1)                       # (B', 2, d, 2h)
+    return torch.cat([values, norms], dim=-1).view(b, two_d, d + 2 * num_heads)
+
+
+def polarity_streams(q2: torch.Tensor, k2: torch.Tensor, v: torch.Tensor, num_heads: int,
+                     eps: float) -> torch.Tensor:
+    """Both polarity streams of linear attention for all heads, in two dense products.
+
+    q2, k2: ``[x+ | x-]`` of queries and keys (B', N, 2d); v: (B', N, d) -> (B', N, d).
+    Head ``j`` of width hd computes, with ``Q = [q+, q-]``, ``Q' = [q-, q+]``, ``K = [k+, k-]``
+    restricted to its channels and ``v1``, ``v2`` the halves of its values,
+    ``[Q (K^T v1 / N) / (Q . mean K + eps), Q' (K^T v2 / N) / (Q' . mean K + eps)]``.
+    The cheaper association (``K^T v`` first) costs O(N); gathering every head into one
+    block-diagonal matrix (:func:`stream_matrix`) makes it two matrix products per window
+    instead of many tiny ones per head.
+    """
+    n, d = k2.shape[-2], v.shape[-1]
+    g = torch.matmul(k2.transpose(-2, -1), v) / n
+    out = torch.matmul(q2, stream_matrix(g, k2.mean(dim=-2), num_heads))      # (B', N, d + 2h)
+    # channel c of head j: divided by column j (first half of the head) or h + j (second half)
+    hd = d // num_heads
+    channel = torch.arange(d, device=v.device)
+    column = (channel % hd >= hd // 2) * num_heads + channel // hd
+    norm = (out[..., d:] + eps).reciprocal_().index_select(-1, column)
+    return out[..., :d] * norm
 
 
 class PolarityAttention(nn.Module):
@@ -124,37 +176,39 @@ class PolarityAttention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
+    def _value_conv(self, v: torch.Tensor) -> torch.Tensor:
+        """Depthwise convolution of each head's values, laid out spatially inside the window
+        (zero outside it), one kernel shared by the heads: (B', N, d) -> (B', N, d)."""
+        bw, n, d = v.shape
+        vol = v.reshape(bw, *self.window, d).permute(0, 4, 1, 2, 3)      # channels-last view
+        weight = self.dwc.weight.repeat(self.num_heads, 1, 1, 1, 1)
+        bias = None if self.dwc.bias is None else self.dwc.bias.repeat(self.num_heads)
+        y = F.conv3d(vol, weight, bias, padding=self.dwc.padding, groups=d)
+        return y.permute(0, 2, 3, 4, 1).reshape(bw, n, d)
+
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         d = self.dim
         weight = self.qkvg.weight
-        q = F.linear(fixed, weight[:d])
-        k, v, g = F.linear(moving, weight[d:]).chunk(3, dim=-1)
-        k = k + self.positional
-        scale = F.softplus(self.scale)
-        q, k, v = self._heads(q / scale), self._heads(k / scale), self._heads(v)
+        # queries and keys divided by softplus(scale), folded into their weights
+        scale = F.softplus(self.scale).unsqueeze(1)
+        q = F.linear(fixed, weight[:d] / scale)
+        k = F.linear(moving, weight[d:2 * d] / scale)
+        v, g = F.linear(moving, weight[2 * d:]).chunk(2, dim=-1)
 
         # polarity core in at least float32: x**p with p up to 16 overflows half precision
         core = torch.promote_types(q.dtype, torch.float32)
-        p = self.exponent().unsqueeze(1).to(core)                 # (h, 1, hd)
-        qf, kf, vf = q.to(core), k.to(core), v.to(core)
-        q_pos, q_neg = F.relu(qf) ** p, F.relu(-qf) ** p
-        k_cat = torch.cat([F.relu(kf) ** p, F.relu(-kf) ** p], dim=-1)
-        v_same, v_opp = vf.chunk(2, dim=-1)
-        same = _polarity_stream(torch.cat([q_pos, q_neg], dim=-1), k_cat, v_same, self.eps)
-        opp = _polarity_stream(torch.cat([q_neg, q_pos], dim=-1), k_cat, v_opp, self.eps)
-        x = torch.cat([same, opp], dim=-1).to(v.dtype)            # (B', h, N, hd)
+        p = self.exponent().reshape(d).to(core)
+        q2 = polarity_split(q.to(core), p)
+        k2 = polarity_split(k.to(core) + (self.positional / scale.squeeze(1)).to(core), p)
+        x = polarity_streams(q2, k2, v.to(core), self.num_heads, self.eps).to(v.dtype)   # (B', N, d)
+        del q2, k2
 
-        # depthwise conv of the values, laid out spatially inside the window
-        bw, h, n, hd = v.shape
-        wd, wh, ww = self.window
-        v_sp = v.reshape(bw * h, n, hd).transpose(1, 2).reshape(bw * h, hd, wd, wh, ww)
-        v_sp = self.dwc(v_sp).reshape(bw, h, hd, n).transpose(2, 3)   # (B', h, N, hd)
-
+        v_sp = self._value_conv(v)
         if self.released_layout:
-            x = x.transpose(1, 2).reshape(bw, n, d) + v_sp.contiguous().view(bw, n, d)
-        else:
-            x = (x + v_sp).transpose(1, 2).reshape(bw, n, d)
-        return self.proj(x * g)
+            # the released code reads the convolution's (B', h, N, hd) output as (B', N, d)
+            bw, n, _ = v_sp.shape
+            v_sp = v_sp.view(bw, n, self.num_heads, self.head_dim).transpose(1, 2).reshape(bw, n, d)
+        return self.proj((x + v_sp) * g)
 
 
 # ---------------------------------------------------------------------------
@@ -172,7 +226,7 @@ class PoLaCA(nn.Module):
         moving, fixed: (B, C, D, H, W) -> (B, C, D, H, W).
     """
 
-    inference_chunk_tokens = 2 ** 17      # tokens per chunk of the attention and MLP without autograd
+    inference_chunk_tokens = 2 ** 15      # tokens per chunk of the attention and MLP without autograd
 
     def __init__(self, dim: int, window: Sequence[int], num_heads: int = 8, alpha: float = 15.0,
                  dwc_kernel: int = 3, mlp_ratio: float = 4.0, released_compat: bool = False):

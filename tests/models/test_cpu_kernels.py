@@ -1,10 +1,13 @@
-"""CPU inference kernels against plain PyTorch in float64: the in-place norm, channels-last
-pooling, and the oneDNN convolution operator."""
+"""CPU inference kernels against plain PyTorch or scipy in float64: the in-place norm,
+channels-last pooling, the oneDNN convolution operator and warping by row gathers."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.ndimage import map_coordinates
 
-from models.cpu_kernels import avg_pool2_channels_last, channels_last, instance_norm_relu_, onednn_conv3d
+import models.cpu_kernels as cpu_kernels
+from models.cpu_kernels import avg_pool2_channels_last, channels_last, instance_norm_relu_, onednn_conv3d, warp_by_gather
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 6, 7), (1, 4, 20, 16, 16), (1, 2, 17, 16, 16)])
@@ -53,3 +56,65 @@ def test_onednn_operator_matches_conv3d_in_float64_forward_and_backward():
     refs = torch.autograd.grad((ref * g).sum(), (x64, w64, b64))
     for got, want in zip(grads, refs):
         assert torch.allclose(got.double(), want, atol=1e-4)
+
+
+def _scipy_warp(features: torch.Tensor, u: torch.Tensor) -> np.ndarray:
+    """out(x) = features(x + u(x)), trilinear, zero outside the volume: scipy in float64."""
+    f, d = features.double().numpy(), u.double().numpy()
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in f.shape[2:]], indexing="ij"))
+    out = np.empty(f.shape)
+    for b in range(f.shape[0]):
+        coords = grid + d[b]
+        for c in range(f.shape[1]):
+            out[b, c] = map_coordinates(f[b, c], coords, order=1, mode="grid-constant", cval=0.0)
+    return out
+
+
+def _field_partly_outside(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn((2, 3, *shape), generator=g) * 2.5            # many samples leave the volume
+    u[0, :, 0, 0, 0] = torch.tensor([-0.5, 0.25, 0.0])             # half a voxel before the first slice
+    u[1, 2, 1, 2, 3] = float("nan")                                 # not finite: read as outside
+    return u
+
+
+@pytest.mark.parametrize("chunk", [1 << 16, 7])
+def test_warp_by_gather_matches_scipy_in_float32(chunk, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_GATHER_CHUNK", chunk)       # 7: one slice per chunk
+    shape = (5, 7, 6)
+    features = torch.randn(2, 3, *shape, generator=torch.Generator().manual_seed(1))
+    u = _field_partly_outside(shape, 2)
+    with torch.inference_mode():
+        out = warp_by_gather(channels_last(features), u)
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last_3d)
+    ref = _scipy_warp(features, torch.nan_to_num(u, nan=-10.0))
+    assert np.abs(out.double().numpy() - ref).max() < 1e-5
+    assert torch.equal(out[1, :, 1, 2, 3], torch.zeros(3))
+
+
+def test_warp_by_gather_in_bf16_rounds_only_its_output():
+    """bf16 features: weights kept to 16 bits, float32 sums, so the result is the exact warp of
+    the bf16 features up to the output's own rounding (2**-8 relative)."""
+    shape = (6, 5, 7)
+    features = torch.randn(2, 4, *shape, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    u = _field_partly_outside(shape, 4)
+    with torch.inference_mode():
+        out = warp_by_gather(channels_last(features), u)
+    assert out.dtype == torch.bfloat16
+    ref = _scipy_warp(features, torch.nan_to_num(u, nan=-10.0))
+    err = np.abs(out.double().numpy() - ref)
+    assert (err <= np.abs(ref) * 2.0 ** -8 + 1e-6).all()
+    # nearly every voxel is the exact value rounded once to bf16 (8-bit weights would miss often)
+    rounded = torch.from_numpy(ref).to(torch.bfloat16).double().numpy()
+    assert (out.double().numpy() == rounded).mean() > 0.98
+
+
+def test_warp_by_gather_identity_and_translation():
+    features = torch.randn(1, 2, 4, 5, 6)
+    with torch.inference_mode():
+        assert torch.equal(warp_by_gather(features, torch.zeros(1, 3, 4, 5, 6)), features)
+        u = torch.zeros(1, 3, 4, 5, 6)
+        u[:, 1] = 1.0                                               # sample one voxel further along H
+        out = warp_by_gather(features, u)
+    assert torch.equal(out[:, :, :, :4], features[:, :, :, 1:])
+    assert torch.equal(out[:, :, :, 4], torch.zeros(1, 2, 4, 6))

@@ -112,13 +112,17 @@ def _randomise(module, seed=0):
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.3 if "power" not in name else 1.0))
 
 
-def test_polaca_matches_loop_reference_with_padding():
+@pytest.mark.parametrize("inference", [False, True])
+def test_polaca_matches_loop_reference_with_padding(inference, monkeypatch):
+    """Autograd path, and the inference path (attention in chunks of 2 windows, no concatenation)."""
+    monkeypatch.setattr(PoLaCA, "inference_chunk_tokens", 24)
     torch.manual_seed(0)
     block = PoLaCA(dim=16, window=(2, 3, 2), num_heads=4, alpha=3.0, dwc_kernel=3).double()
     _randomise(block)
     moving = torch.randn(1, 16, 3, 4, 5, dtype=torch.float64)   # pads to (4, 6, 6)
     fixed = torch.randn(1, 16, 3, 4, 5, dtype=torch.float64)
-    ours = block(moving, fixed)[0].detach().numpy()
+    with torch.inference_mode(inference):
+        ours = block(moving, fixed)[0].detach().numpy()
     ref = _reference_polaca(block, moving, fixed)
     assert ours.shape == ref.shape == (16, 3, 4, 5)
     assert np.abs(ours - ref).max() < 1e-6
