@@ -18,6 +18,8 @@ training takes: both images encoded as one batch, concatenated inputs, out-of-pl
 InstanceNorm+ReLU, attention over the whole volume at once; run with gradients enabled
 but no parameter requiring one, so no graph is recorded. Same weights, same field: the
 ratio to the default (optimised) row is the gain of the inference path, in one run.
+With ``--profile N`` each row also runs one pass under the PyTorch profiler and prints the N
+operators that take the most time (grouped by input shapes), for finding the next bottleneck.
 With ``--released-compat`` each size is also measured with ``model.released_compat`` on (the
 released code's function, for its converted weights), beside the default network.
 """
@@ -82,6 +84,7 @@ def measure(args) -> dict:
         return u
 
     m = time_and_peak(run, args.warmup, args.runs, device)
+    top_ops = profile_ops(run, args.profile) if args.profile else []
     gmacs = float("nan")
     if args.flops:
         # counted on the meta device: shapes only, no memory, and every conv goes through
@@ -98,7 +101,33 @@ def measure(args) -> dict:
             "first_call_s": m["first_s"] if args.compiled else float("nan"), "params_M": params / 1e6,
             "gmacs": gmacs, "median_s": statistics.median(m["times"]), "min_s": min(m["times"]),
             "peak_mib": m["peak_mib"],
-            "runs": args.runs}
+            "runs": args.runs, "profile": top_ops}
+
+
+def _shapes_text(shapes) -> str:
+    """The first two tensor shapes of an operator's inputs, e.g. '1x16x160x224x192, 16x16x3x3x3'."""
+    tensors = [s for s in shapes if isinstance(s, (list, tuple)) and s and all(isinstance(v, int) for v in s)]
+    return ", ".join("x".join(map(str, s)) for s in tensors[:2])
+
+
+def profile_ops(run, top: int) -> list[dict]:
+    """One more pass under the PyTorch profiler: the ``top`` operators (by input shapes) with the
+    most CPU time of their own, each with its share of the pass's total."""
+    from torch.profiler import profile
+    with profile(record_shapes=True) as prof:
+        run()
+    events = prof.key_averages(group_by_input_shape=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    events = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
+    return [{"op": e.key, "shapes": _shapes_text(e.input_shapes), "calls": e.count,
+             "self_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / total} for e in events]
+
+
+def format_profile(row: dict) -> str:
+    head = (f"Where the time goes: {row['size']}, {row['amp']} (one pass under the profiler, CPU time of each "
+            "operator itself)\n\n| operator | inputs | calls | s | share |\n|---|---|---|---|---|")
+    return "\n".join([head] + [f"| {o['op']} | {o['shapes']} | {o['calls']} | {o['self_s']:.3f} | {100 * o['share']:.1f} % |"
+                               for o in row["profile"]])
 
 
 def format_table(rows: list[dict]) -> str:
@@ -126,6 +155,8 @@ def main(argv=None):
     p.add_argument("--plain-path", action="store_true", help="also measure the plain (training) path without autograd")
     p.add_argument("--released-compat", action="store_true",
                    help="also measure the released-compatible network (model.released_compat)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile one pass and print the N operators with the most time")
     p.add_argument("--no-flops", dest="flops", action="store_false")
     p.add_argument("--plain-heap", action="store_true", help="leave glibc's malloc settings alone")
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
@@ -151,12 +182,14 @@ def main(argv=None):
                      "--warmup", str(args.warmup), "--window", *map(str, args.window), "--widths", *map(str, args.widths)]
             child += (["--amp"] if amp else []) + ([] if args.flops else ["--no-flops"]) \
                 + (["--plain-heap"] if args.plain_heap else []) + (["--compiled"] if compiled else []) + (["--plain"] if plain else []) \
-                + (["--compat"] if compat else [])
+                + (["--compat"] if compat else []) + (["--profile", str(args.profile)] if args.profile else [])
             rows.append(measure_in_child(__file__, child, size))
             print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     table = format_table(rows)
     firsts = [f"{r['size']} {r['amp']}: {r['first_call_s']:.1f} s" for r in rows if r.get("first_call_s") == r.get("first_call_s")]
     extra = ("First compiled call (compilation included): " + "; ".join(firsts) + ".") if firsts else ""
+    profiles = "\n\n".join(format_profile(r) for r in rows if r.get("profile"))
+    extra = "\n\n".join(part for part in (extra, profiles) if part)
     print()
     print(table)
     if extra:

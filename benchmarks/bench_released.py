@@ -2,6 +2,7 @@
 
     python benchmarks/bench_released.py --released-code ../PLCReg                 # OASIS size, 2 threads
     python benchmarks/bench_released.py --released-code ../PLCReg --write --figure Figures/speed_side_by_side.png
+    python benchmarks/bench_released.py --released-code ../PLCReg --amp      # ours in bf16 too, a third row
 
 Each row runs in a fresh child process (its peak RSS is its own): the released network as its
 inference script runs it (``torch.no_grad``, float32; its ``Model/`` imported from the given
@@ -39,23 +40,31 @@ def measure(args) -> dict:
         limit_heap_retention()
         net, mode = build_model(ModelConfig(window_size=(5, 7, 6))).eval(), torch.inference_mode
 
+    dtype = None
+    if args.amp:
+        from engine.runtime import amp_dtype
+        dtype = amp_dtype(torch.device("cpu"), True)      # bf16 where the CPU has it natively, else None
+
     def run():
-        with mode():
+        with mode(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             return net(moving, fixed)
 
     m = time_and_peak(run, args.warmup, args.runs, torch.device("cpu"))
-    return {"which": args.which, "median_s": statistics.median(m["times"]), "min_s": min(m["times"]),
+    return {"which": args.which + (", bf16" if dtype is not None else ""), "median_s": statistics.median(m["times"]), "min_s": min(m["times"]),
             "peak_mib": m["peak_mib"], "params_M": sum(p.numel() for p in net.parameters()) / 1e6}
+
+
+ROW_NAMES = {"released": "released code", "ours": "this project", "ours, bf16": "this project, bf16"}
 
 
 def figure(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    names = ["released code" if r["which"] == "released" else "this project" for r in rows]
+    names = [ROW_NAMES[r["which"]] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.2))
     for ax, key, label in ((axes[0], "median_s", "seconds per pair"), (axes[1], "peak_mib", "peak memory (MiB)")):
-        bars = ax.bar(names, [r[key] for r in rows], color=["#999999", "#2a7ab9"])
+        bars = ax.bar(names, [r[key] for r in rows], color=["#999999", "#2a7ab9", "#6bb0e0"][:len(rows)])
         ax.bar_label(bars, fmt="%.1f" if key == "median_s" else "%.0f")
         ax.set_ylabel(label)
     fig.suptitle(title, fontsize=9)
@@ -71,6 +80,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--amp", action="store_true",
+                   help="also run ours in bf16 (CPU autocast, on CPUs with native bf16), a third row")
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     p.add_argument("--figure", type=Path, help="write a bar chart of both rows")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -80,19 +91,21 @@ def main(argv=None) -> int:
         print(json.dumps(measure(args)))
         return 0
     rows = []
-    for which in ("released", "ours"):
+    for which, amp in (("released", False), ("ours", False)) + ((("ours", True),) if args.amp else ()):
         child = ["--which", which, "--released-code", str(args.released_code), "--size", *map(str, args.size),
                  "--threads", str(args.threads), "--runs", str(args.runs), "--warmup", str(args.warmup)]
-        rows.append(measure_in_child(__file__, child, which))
+        rows.append(measure_in_child(__file__, child + (["--amp"] if amp else []), which))
         print(rows[-1], flush=True)
     size = "x".join(map(str, args.size))
-    ratio_t, ratio_m = rows[1]["median_s"] / rows[0]["median_s"], rows[1]["peak_mib"] / rows[0]["peak_mib"]
+    names = ROW_NAMES
     table = "\n".join(["| network | size | threads | params (M) | median s/pair | min s | peak MiB |",
                        "|---|---|---|---|---|---|---|"] +
-                      [f"| {'released code' if r['which'] == 'released' else 'this project'} | {size} | "
+                      [f"| {names[r['which']]} | {size} | "
                        f"{args.threads} | {r['params_M']:.2f} | {r['median_s']:.2f} | {r['min_s']:.2f} | "
                        f"{r['peak_mib']:.0f} |" for r in rows])
-    extra = f"Ours / released in this run: {ratio_t:.3f}x the time, {ratio_m:.3f}x the peak memory."
+    extra = " ".join(f"{names[r['which']].capitalize()} / released in this run: "
+                     f"{r['median_s'] / rows[0]['median_s']:.3f}x the time, "
+                     f"{r['peak_mib'] / rows[0]['peak_mib']:.3f}x the peak memory." for r in rows[1:])
     print(table)
     print(extra)
     if args.figure:

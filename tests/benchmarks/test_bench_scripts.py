@@ -29,3 +29,18 @@ def test_bench_train_rows_for_each_variant():
                  "--runs", "1", "--warmup", "0", "--window", "2", "2", "2")
     assert [(r[1], r[2]) for r in rows] == [("light", "fp32"), ("light", "ckpt")]
     assert all(float(r[6]) > 0 and float(r[8]) > 0 for r in rows)
+
+
+def test_bench_inference_profile_lists_the_heaviest_operators():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_inference.py"), "--sizes", "32x32x32",
+                          "--runs", "1", "--warmup", "0", "--widths", "8", "16", "16", "32", "32", "--window", "2", "2",
+                          "2", "--no-flops", "--profile", "4"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr
+    section = out.stdout.split("Where the time goes: 32x32x32, fp32")[1]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith("| operator")]
+    assert len(rows) == 4
+    seconds = [float(r[3]) for r in rows]
+    assert seconds == sorted(seconds, reverse=True)                    # heaviest first
+    assert sum(float(r[4].rstrip(" %")) for r in rows) <= 100.0
+    assert any("convolution" in r[0] for r in rows)
