@@ -146,7 +146,7 @@ class FlowHead(Conv3d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._bf16_inference(x):
             y = onednn_conv3d_bf16(x, self.weight, None, self.padding, self.stride, self.dilation, self.groups)
-            return y.float() + self.bias.view(1, -1, 1, 1, 1)
+            return y.float().add_(self.bias.view(1, -1, 1, 1, 1))
         if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             with torch.autocast("cpu", enabled=False):
                 return super().forward(x.float())

@@ -98,7 +98,9 @@ class EstimatorLevel(nn.Module):
     def _combine(self, residual: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
         if base is None:
             return residual
-        return compose(residual, base) if self.compose_levels else residual + base
+        if self.compose_levels:
+            return compose(residual, base)
+        return residual + base if torch.is_grad_enabled() else residual.add_(base)   # a new tensor: reused
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor, phi_up: torch.Tensor | None,
                 context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

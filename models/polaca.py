@@ -132,6 +132,18 @@ def polarity_streams(q2: torch.Tensor, k2: torch.Tensor, v: torch.Tensor, num_he
     return out[..., :d] * norm
 
 
+def window_band(window: Sequence[int], kernel: int) -> torch.Tensor:
+    """Where a depthwise ``kernel``^3 convolution inside a window (zero padding at its faces)
+    takes each tap: (N, N) indices into the flattened kernel, ``kernel**3`` where token ``s``
+    is outside the reach of token ``t``. Tokens in row-major (wd, wh, ww) order."""
+    r = kernel // 2
+    coords = torch.stack(torch.meshgrid(*[torch.arange(w) for w in window], indexing="ij"), dim=-1).view(-1, 3)
+    offset = coords.unsqueeze(0) - coords.unsqueeze(1) + r                      # (t, s, 3): s - t + r
+    inside = ((offset >= 0) & (offset < kernel)).all(dim=-1)
+    flat = (offset[..., 0] * kernel + offset[..., 1]) * kernel + offset[..., 2]
+    return torch.where(inside, flat, kernel ** 3)
+
+
 class PolarityAttention(nn.Module):
     """Polarity-aware linear cross-attention in one window, with ALS sharpening.
 
@@ -166,6 +178,7 @@ class PolarityAttention(nn.Module):
         self.dwc = nn.Conv3d(self.head_dim, self.head_dim, dwc_kernel, padding=dwc_kernel // 2,
                              groups=self.head_dim)
         self.proj = nn.Linear(dim, dim)
+        self.register_buffer("band", window_band(self.window, dwc_kernel), persistent=False)
 
     def exponent(self) -> torch.Tensor:
         """ALS exponent p = 1 + alpha * sigmoid(theta): (h, hd), always in (1, 1 + alpha)."""
@@ -178,13 +191,28 @@ class PolarityAttention(nn.Module):
 
     def _value_conv(self, v: torch.Tensor) -> torch.Tensor:
         """Depthwise convolution of each head's values, laid out spatially inside the window
-        (zero outside it), one kernel shared by the heads: (B', N, d) -> (B', N, d)."""
+        (zero outside it), one kernel shared by the heads: (B', N, d) -> (B', N, d).
+
+        With autograd it is computed as a product with each channel's (N, N) band matrix
+        (the kernel's taps placed by ``band``): the same sums, and in bf16 on the CPU its
+        backward pass is several times faster than that of the depthwise convolution."""
+        if torch.is_grad_enabled():
+            return self._value_conv_as_product(v)
         bw, n, d = v.shape
         vol = v.reshape(bw, *self.window, d).permute(0, 4, 1, 2, 3)      # channels-last view
         weight = self.dwc.weight.repeat(self.num_heads, 1, 1, 1, 1)
         bias = None if self.dwc.bias is None else self.dwc.bias.repeat(self.num_heads)
         y = F.conv3d(vol, weight, bias, padding=self.dwc.padding, groups=d)
         return y.permute(0, 2, 3, 4, 1).reshape(bw, n, d)
+
+    def _value_conv_as_product(self, v: torch.Tensor) -> torch.Tensor:
+        bw, n, d = v.shape
+        h, hd = self.num_heads, self.head_dim
+        taps = self.dwc.weight.view(hd, -1)
+        band = torch.cat([taps, taps.new_zeros(hd, 1)], dim=1)[:, self.band]            # (hd, N, N)
+        by_channel = v.view(bw, n, h, hd).permute(3, 1, 0, 2).reshape(hd, n, bw * h)
+        y = torch.matmul(band, by_channel).view(hd, n, bw, h).permute(2, 1, 3, 0).reshape(bw, n, d)
+        return y if self.dwc.bias is None else y + self.dwc.bias.repeat(h).to(y.dtype)
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         d = self.dim

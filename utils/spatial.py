@@ -220,10 +220,11 @@ def resize_displacement(u: torch.Tensor, size: Sequence[int], align_corners: boo
         scale = [(n - 1) / (o - 1) if o > 1 else float(n) / o for n, o in zip(size, old)]
     else:
         scale = [n / o for n, o in zip(size, old)]
+    # scaled on the input grid (interpolation is linear): one pass over the smaller field
+    u = u * torch.tensor(scale, device=u.device, dtype=u.dtype).view(1, 3, 1, 1, 1)
     if tuple(old) != size:
         u = F.interpolate(u, size=size, mode="trilinear", align_corners=align_corners)
-    factors = torch.tensor(scale, device=u.device, dtype=u.dtype).view(1, 3, 1, 1, 1)
-    return u * factors
+    return u
 
 
 def compose(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
