@@ -61,7 +61,7 @@ def figure(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    names = [ROW_NAMES[r["which"]] for r in rows]
+    names = [ROW_NAMES[r["which"]].replace(", ", "\n") for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.2))
     for ax, key, label in ((axes[0], "median_s", "seconds per pair"), (axes[1], "peak_mib", "peak memory (MiB)")):
         bars = ax.bar(names, [r[key] for r in rows], color=["#999999", "#2a7ab9", "#6bb0e0"][:len(rows)])
