@@ -81,12 +81,22 @@ class ConvNormAct(_LayerNormAct):
         )
 
 
-def conv_of_parts(conv: nn.Conv3d, parts: list[torch.Tensor]) -> torch.Tensor:
+def _materialised(parts: list) -> list[torch.Tensor]:
+    return [part() if callable(part) else part for part in parts]
+
+
+def conv_of_parts(conv: nn.Conv3d, parts: list) -> torch.Tensor:
     """``conv(torch.cat(parts, dim=1))`` without building the concatenation: one convolution per
     part with its slice of the weights, each added in place to the first one's result (fused into
-    the convolution on the CPU; same values; no full-size input copy)."""
+    the convolution on the CPU; same values; no full-size input copy).
+
+    Consumes the list: each entry is let go once its convolution is done, and an entry may be
+    a function that makes the part, called only when its turn comes, so that a part the caller
+    no longer holds is freed before the next one exists."""
     out, start = None, 0
-    for part in parts:
+    for i in range(len(parts)):
+        part = parts[i]() if callable(parts[i]) else parts[i]
+        parts[i] = None
         stop = start + part.shape[1]
         weight = conv.weight[:, start:stop]
         if out is None:
@@ -96,6 +106,7 @@ def conv_of_parts(conv: nn.Conv3d, parts: list[torch.Tensor]) -> torch.Tensor:
             out = conv.add_to_(out, part, weight)
         else:
             out = out.add_(conv._conv_forward(part, weight, None))
+        del part
         start = stop
     if start != conv.in_channels:
         raise ValueError(f"conv_of_parts: parts have {start} channels, the convolution takes {conv.in_channels}")
@@ -108,10 +119,11 @@ class DoubleConv(nn.Sequential):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(ConvNormAct(in_channels, out_channels), ConvNormAct(out_channels, out_channels))
 
-    def forward_parts(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        """``self(torch.cat(parts, dim=1))``; without autograd the concatenation is never built."""
+    def forward_parts(self, parts: list) -> torch.Tensor:
+        """``self(torch.cat(parts, dim=1))`` (an entry may be a function making the part); without
+        autograd the concatenation is never built and the list is consumed (:func:`conv_of_parts`)."""
         if torch.is_grad_enabled():
-            return self(torch.cat(parts, dim=1))
+            return self(torch.cat(_materialised(parts), dim=1))
         first, second = self
         conv, norm, _ = first
         return second(instance_norm_relu_(conv_of_parts(conv, parts), norm.eps))

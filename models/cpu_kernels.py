@@ -225,32 +225,38 @@ def warp_by_gather(features: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     split = features.dtype in (torch.bfloat16, torch.float16)
     bag = 16 if split else 8
     out = torch.empty((b, d, h, w, c), dtype=features.dtype)
+    # per-chunk buffers made once: a new tensor of a megabyte or more is fresh memory, whose
+    # page faults would cost more than the arithmetic
+    most = slab * hw
+    corner_w_buf, corner_o_buf = torch.empty((8, most)), torch.empty((8, most), dtype=torch.int32)
+    index_buf, weights_buf = torch.empty((most, bag), dtype=torch.int32), torch.empty((most, bag), dtype=features.dtype)
+    high_buf = torch.empty((8, most), dtype=features.dtype) if split else None
     for i in range(b):
         table = features[i].permute(1, 2, 3, 0).reshape(-1, c)      # a view when channels-last
         rows = out[i].view(-1, c)
         for d0 in range(0, d, slab):
             d1 = min(d, d0 + slab)
+            n = (d1 - d0) * hw
             field = u[i, :, d0:d1].reshape(3, -1, hw)
             z = field[0] + torch.arange(d0, d1, dtype=torch.float32).unsqueeze(1)
             (wz, oz), (wy, oy), (wx, ox) = (_axis_corners(z.view(-1), d, hw),
                                             _axis_corners((field[1] + in_plane[0]).view(-1), h, w),
                                             _axis_corners((field[2] + in_plane[1]).view(-1), w, 1))
-            n = wz[0].shape[0]
             # the 8 corners as rows, then one transposing copy into (n, bag) bags
-            corner_w, corner_o = torch.empty((8, n)), torch.empty((8, n), dtype=torch.int32)
+            corner_w, corner_o = corner_w_buf[:, :n], corner_o_buf[:, :n]
             for k, (a, b_) in enumerate((a, b_) for a in range(2) for b_ in range(2)):
                 wzy, ozy = wz[a] * wy[b_], oz[a] + oy[b_]
                 for cc in range(2):
                     torch.mul(wzy, wx[cc], out=corner_w[2 * k + cc])
                     torch.add(ozy, ox[cc], out=corner_o[2 * k + cc])
-            index = torch.empty((n, bag), dtype=torch.int32)
-            weights = torch.empty((n, bag), dtype=features.dtype)
+            index, weights = index_buf[:n], weights_buf[:n]
             index.t()[:8].copy_(corner_o)
             if split:
                 index.t()[8:].copy_(corner_o)
-                high = corner_w.to(features.dtype)
+                high = high_buf[:, :n]
+                high.copy_(corner_w)
                 weights.t()[:8].copy_(high)
-                weights.t()[8:].copy_(corner_w.sub_(high.float()))
+                weights.t()[8:].copy_(corner_w.sub_(high))
             else:
                 weights.t().copy_(corner_w)
             rows[d0 * hw:d1 * hw] = F.embedding_bag(index, table, per_sample_weights=weights, mode="sum")

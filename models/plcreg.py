@@ -126,7 +126,10 @@ class EstimatorLevel(nn.Module):
         phi = self._combine(self.head(c), phi_up)
         if self.up_context is None:
             return phi, c
-        fine = self.fine_conv.forward_parts([phi, c, self.up_context(context)])
+        # the upsampled context is made only once c has been used (and, without autograd, freed)
+        fine_parts = [phi, c, lambda: self.up_context(context)]
+        del c
+        fine = self.fine_conv.forward_parts(fine_parts)
         phi = self._combine(self.fine_head(fine), phi)
         return phi, fine
 

@@ -254,7 +254,7 @@ class PoLaCA(nn.Module):
         moving, fixed: (B, C, D, H, W) -> (B, C, D, H, W).
     """
 
-    inference_chunk_tokens = 2 ** 15      # tokens per chunk of the attention and MLP without autograd
+    inference_chunk_tokens = 2 ** 13      # tokens per chunk of the attention and MLP without autograd
 
     def __init__(self, dim: int, window: Sequence[int], num_heads: int = 8, alpha: float = 15.0,
                  dwc_kernel: int = 3, mlp_ratio: float = 4.0, released_compat: bool = False):
