@@ -82,9 +82,24 @@ def onednn_conv3d_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """A oneDNN convolution in bf16, channels-last in and out (inference under CPU autocast):
     input and weights rounded to bf16, products accumulated in float32 by oneDNN, output bf16."""
     bf16 = torch.bfloat16
+    if groups == 1 and x.shape[1] < _MIN_BF16_CHANNELS:
+        x, weight = _zero_channels(x, weight, _MIN_BF16_CHANNELS)
     y = torch.mkldnn_convolution(channels_last(x.to(bf16)), weight.to(bf16), None if bias is None else bias.to(bf16),
                                  padding, stride, dilation, groups)
     return channels_last(y)
+
+
+_MIN_BF16_CHANNELS = 4      # fewer input channels: oneDNN's bf16 kernels are up to 1.5x slower at full size
+
+
+def _zero_channels(x: torch.Tensor, weight: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, C, D, H, W) and weight (O, C, k, k, k) with zero input channels added up to
+    ``channels`` (bf16, x channels-last): the same convolution, a faster oneDNN kernel."""
+    b, c = x.shape[:2]
+    padded = torch.zeros((b, *x.shape[2:], channels), dtype=torch.bfloat16, device=x.device)
+    padded[..., :c] = x.permute(0, 2, 3, 4, 1)
+    extra = weight.new_zeros((weight.shape[0], channels - c, *weight.shape[2:]))
+    return padded.permute(0, 4, 1, 2, 3), torch.cat([weight, extra], dim=1)
 
 
 _HAS_FUSED_ADD = _HAS_ONEDNN and hasattr(torch.ops.mkldnn, "_convolution_pointwise_")

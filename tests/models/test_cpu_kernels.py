@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from scipy.ndimage import map_coordinates
 
 import models.cpu_kernels as cpu_kernels
-from models.cpu_kernels import avg_pool2_channels_last, channels_last, instance_norm_relu_, onednn_conv3d, warp_by_gather
+from models.cpu_kernels import (avg_pool2_channels_last, channels_last, instance_norm_relu_, onednn_conv3d,
+                                onednn_conv3d_bf16, warp_by_gather)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 6, 7), (1, 4, 20, 16, 16), (1, 2, 17, 16, 16)])
@@ -118,3 +119,18 @@ def test_warp_by_gather_identity_and_translation():
         out = warp_by_gather(features, u)
     assert torch.equal(out[:, :, :, :4], features[:, :, :, 1:])
     assert torch.equal(out[:, :, :, 4], torch.zeros(1, 2, 4, 6))
+
+
+@pytest.mark.parametrize("channels", [1, 3, 5])
+def test_bf16_convolution_of_few_channels_matches_float64(channels):
+    """Inputs with fewer than 4 channels get zero channels added (a faster oneDNN kernel): the
+    same convolution of the bf16-rounded inputs, up to the output's bf16 rounding."""
+    g = torch.Generator().manual_seed(channels)
+    x = torch.randn(1, channels, 6, 7, 5, generator=g).to(torch.bfloat16)
+    w = torch.randn(8, channels, 3, 3, 3, generator=g).to(torch.bfloat16)
+    b = torch.randn(8, generator=g).to(torch.bfloat16)
+    with torch.inference_mode():
+        y = onednn_conv3d_bf16(x, w, b, (1, 1, 1), (1, 1, 1), (1, 1, 1), 1)
+    ref = F.conv3d(x.double(), w.double(), b.double(), padding=1)
+    assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last_3d)
+    assert ((y.double() - ref).abs() <= ref.abs() * 2.0 ** -8 + 1e-3).all()
