@@ -184,11 +184,6 @@ class PolarityAttention(nn.Module):
         """ALS exponent p = 1 + alpha * sigmoid(theta): (h, hd), always in (1, 1 + alpha)."""
         return 1.0 + self.alpha * torch.sigmoid(self.power)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        """(B', N, d) -> (B', h, N, hd)."""
-        b, n, _ = x.shape
-        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-
     def _value_conv(self, v: torch.Tensor) -> torch.Tensor:
         """Depthwise convolution of each head's values, laid out spatially inside the window
         (zero outside it), one kernel shared by the heads: (B', N, d) -> (B', N, d).
