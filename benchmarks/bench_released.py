@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     if args.figure:
         figure(rows, args.figure, f"one {size} pair, {args.threads} CPU threads, float32; {cpu_model()}")
     if args.write:
-        # the checkout's place on this machine is nobody else's business: named generically
+        # a local path means nothing on another machine: the checkout is named generically
         recorded = ["<checkout of the released repository>" if a == str(args.released_code) else a
                     for a in (argv if argv is not None else sys.argv[1:])]
         append_results("bench_released.py", "The released code and ours side by side, one pair", table, "cpu",
