@@ -26,6 +26,8 @@ from benchmarks.common import append_results, cpu_model, measure_in_child, time_
 def measure(args) -> dict:
     """In the child: one network, one size."""
     import torch
+
+    from engine.runtime import amp_dtype, autocast
     torch.set_num_threads(args.threads)
     size = tuple(args.size)
     g = torch.Generator().manual_seed(0)
@@ -42,15 +44,15 @@ def measure(args) -> dict:
 
     dtype = None
     if args.amp:
-        from engine.runtime import amp_dtype
         dtype = amp_dtype(torch.device("cpu"), True)      # bf16 where the CPU has it natively, else None
 
     def run():
-        with mode(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with mode(), autocast(torch.device("cpu"), dtype):
             return net(moving, fixed)
 
     m = time_and_peak(run, args.warmup, args.runs, torch.device("cpu"))
-    return {"which": args.which + (", bf16" if dtype is not None else ""), "median_s": statistics.median(m["times"]), "min_s": min(m["times"]),
+    return {"which": args.which + (", bf16" if dtype is not None else ""),
+            "median_s": statistics.median(m["times"]), "min_s": min(m["times"]),
             "peak_mib": m["peak_mib"], "params_M": sum(p.numel() for p in net.parameters()) / 1e6}
 
 
@@ -97,13 +99,12 @@ def main(argv=None) -> int:
         rows.append(measure_in_child(__file__, child + (["--amp"] if amp else []), which))
         print(rows[-1], flush=True)
     size = "x".join(map(str, args.size))
-    names = ROW_NAMES
     table = "\n".join(["| network | size | threads | params (M) | median s/pair | min s | peak MiB |",
                        "|---|---|---|---|---|---|---|"] +
-                      [f"| {names[r['which']]} | {size} | "
+                      [f"| {ROW_NAMES[r['which']]} | {size} | "
                        f"{args.threads} | {r['params_M']:.2f} | {r['median_s']:.2f} | {r['min_s']:.2f} | "
                        f"{r['peak_mib']:.0f} |" for r in rows])
-    extra = " ".join(f"{names[r['which']].capitalize()} / released in this run: "
+    extra = " ".join(f"{ROW_NAMES[r['which']].capitalize()} / released in this run: "
                      f"{r['median_s'] / rows[0]['median_s']:.3f}x the time, "
                      f"{r['peak_mib'] / rows[0]['peak_mib']:.3f}x the peak memory." for r in rows[1:])
     print(table)

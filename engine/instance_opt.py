@@ -72,6 +72,10 @@ def instance_optimise(moving: torch.Tensor, fixed: torch.Tensor, u0: torch.Tenso
     check_volume(moving, "moving")
     check_volume(fixed, "fixed")
     check_same_spatial(moving, fixed, "moving", "fixed")
+    if steps < 0 or fine_steps < 0 or scale < 1 or lr <= 0 or reg_weight < 0 or smoothing < 0:
+        raise ValueError(f"instance optimisation: expected steps >= 0, fine_steps >= 0, scale >= 1, lr > 0, "
+                         f"reg_weight >= 0 and smoothing >= 0, got steps={steps}, fine_steps={fine_steps}, "
+                         f"scale={scale}, lr={lr}, reg_weight={reg_weight}, smoothing={smoothing}")
     if fine_steps and scale > 1 and steps > 0:
         coarse = instance_optimise(moving, fixed, u0, steps=steps, lr=lr, reg_weight=reg_weight,
                                    similarity=similarity, ncc_window=ncc_window, scale=scale, smoothing=smoothing)
@@ -79,10 +83,6 @@ def instance_optimise(moving: torch.Tensor, fixed: torch.Tensor, u0: torch.Tenso
                                  similarity=similarity, ncc_window=ncc_window, scale=1, smoothing=fine_smoothing)
         return IOResult(u=fine.u, losses=coarse.losses + fine.losses, best_loss=fine.best_loss,
                         seconds=coarse.seconds + fine.seconds)
-    if steps < 0 or fine_steps < 0 or scale < 1 or lr <= 0 or reg_weight < 0 or smoothing < 0:
-        raise ValueError(f"instance optimisation: expected steps >= 0, scale >= 1, lr > 0, reg_weight >= 0 and "
-                         f"smoothing >= 0, got steps={steps}, scale={scale}, lr={lr}, reg_weight={reg_weight}, "
-                         f"smoothing={smoothing}")
     sim = similarity_loss(similarity, ncc_window)
     full = tuple(fixed.shape[2:])
     if u0 is None:

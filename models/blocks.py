@@ -50,12 +50,13 @@ class Conv3d(nn.Conv3d):
     def add_to_(self, out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``out += conv(x)`` with the given weight and no bias; in place, fused into the
         convolution for CPU inference (bf16 under CPU autocast, else float32, out channels-last)."""
-        fused = (_HAS_FUSED_ADD and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                 and torch.backends.mkldnn.enabled and out.is_contiguous(memory_format=torch.channels_last_3d)
-                 and _onednn_supports(x, self.padding_mode, self.padding)
-                 and out.dtype == (torch.bfloat16 if self._bf16_inference(x) else torch.float32)
-                 and (out.dtype == torch.bfloat16 or _onednn_applies(x, self.padding_mode, self.padding)))
-        if fused:
+        if self._bf16_inference(x):
+            fusable = out.dtype == torch.bfloat16
+        else:
+            fusable = (out.dtype == torch.float32 and _onednn_applies(x, self.padding_mode, self.padding)
+                       and not torch.is_grad_enabled() and torch.backends.mkldnn.enabled)
+        if (fusable and _HAS_FUSED_ADD and not torch.compiler.is_compiling()
+                and out.is_contiguous(memory_format=torch.channels_last_3d)):
             return onednn_conv3d_add_(out, x, weight, self.padding, self.stride, self.dilation, self.groups)
         return out.add_(self.forward_with(x, weight, None))
 

@@ -1,7 +1,8 @@
 """CPU inference kernels behind the blocks (models/blocks.py): oneDNN convolutions that
 ``torch.compile`` keeps whole, channels-last 2x average pooling, the in-place blocked
-InstanceNorm+ReLU, and trilinear warping of channels-last features by row gathers. Each computes what a plain PyTorch call computes (tested against it in
-float64); they exist for speed and memory on the CPU, never for other results.
+InstanceNorm+ReLU, and trilinear warping of channels-last features by row gathers. Each
+computes what a plain PyTorch call computes (tested against it in float64); they exist for
+speed and memory on the CPU, never for other results.
 """
 from __future__ import annotations
 

@@ -213,16 +213,16 @@ class PolarityAttention(nn.Module):
         d = self.dim
         weight = self.qkvg.weight
         # queries and keys divided by softplus(scale), folded into their weights
-        scale = F.softplus(self.scale).unsqueeze(1)
-        q = F.linear(fixed, weight[:d] / scale)
-        k = F.linear(moving, weight[d:2 * d] / scale)
+        scale = F.softplus(self.scale)
+        q = F.linear(fixed, weight[:d] / scale.unsqueeze(1))
+        k = F.linear(moving, weight[d:2 * d] / scale.unsqueeze(1))
         v, g = F.linear(moving, weight[2 * d:]).chunk(2, dim=-1)
 
         # polarity core in at least float32: x**p with p up to 16 overflows half precision
         core = torch.promote_types(q.dtype, torch.float32)
         p = self.exponent().reshape(d).to(core)
         q2 = polarity_split(q.to(core), p)
-        k2 = polarity_split(k.to(core) + (self.positional / scale.squeeze(1)).to(core), p)
+        k2 = polarity_split(k.to(core) + (self.positional / scale).to(core), p)
         x = polarity_streams(q2, k2, v.to(core), self.num_heads, self.eps).to(v.dtype)   # (B', N, d)
         del q2, k2
 
