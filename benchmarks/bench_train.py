@@ -28,12 +28,14 @@ def measure(args) -> dict:
     import torch
 
     from engine.objective import Objective
-    from engine.runtime import amp_dtype, autocast
+    from engine.runtime import amp_dtype, autocast, reuse_heap_memory
     from models import build_model
     from utils.config import ModelConfig, TrainConfig
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cpu" and args.heap == "reuse":
+        reuse_heap_memory()             # as the trainer does
     ckpt, amp = "ckpt" in args.variant, "amp" in args.variant
     model = build_model(ModelConfig(window_size=tuple(args.window), grad_checkpointing=ckpt,
                                     **NETWORKS[args.network])).to(device).train()
@@ -57,7 +59,8 @@ def measure(args) -> dict:
             torch.cuda.synchronize()
 
     m = time_and_peak(step, args.warmup, args.runs, device)
-    return {"size": args.size, "network": args.network, "variant": args.variant, "device": device.type,
+    variant = args.variant + (", plain heap" if args.heap == "plain" and device.type == "cpu" else "")
+    return {"size": args.size, "network": args.network, "variant": variant, "device": device.type,
             "threads": args.threads, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
             "median_s": statistics.median(m["times"]), "min_s": min(m["times"]), "peak_mib": m["peak_mib"]}
 
@@ -80,6 +83,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--heap", choices=["reuse", "plain", "both"], default="reuse",
+                   help="CPU: keep freed memory in the heap for the next step as the trainer does (reuse), "
+                        "leave glibc's settings alone (plain), or measure both side by side")
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     p.add_argument("--label", default="")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -96,11 +102,12 @@ def main(argv=None):
     for size in args.sizes:
         for network in args.networks:
             for variant in variants:
-                child = ["--size", size, "--network", network, "--variant", variant, "--device", args.device,
-                         "--threads", str(args.threads), "--runs", str(args.runs), "--warmup", str(args.warmup),
-                         "--window", *map(str, args.window)]
-                rows.append(measure_in_child(__file__, child, f"{size} {network} {variant}"))
-                print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+                for heap in (["reuse", "plain"] if args.heap == "both" else [args.heap]):
+                    child = ["--size", size, "--network", network, "--variant", variant, "--device", args.device,
+                             "--threads", str(args.threads), "--runs", str(args.runs), "--warmup", str(args.warmup),
+                             "--window", *map(str, args.window), "--heap", heap]
+                    rows.append(measure_in_child(__file__, child, f"{size} {network} {variant} {heap}"))
+                    print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     table = format_table(rows)
     print()
     print(table)

@@ -187,6 +187,19 @@ class PeakMemory:
         return False
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3     # glibc's mallopt parameters
+
+
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    """Apply glibc ``mallopt`` settings; False (nothing changed) where glibc is not the C library."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        return all(bool(libc.mallopt(option, int(value))) for option, value in settings)
+    except (OSError, AttributeError):
+        return False
+
+
 def limit_heap_retention(threshold_bytes: int = 1 << 20) -> bool:
     """Serve every allocation above ``threshold_bytes`` from its own mapping (glibc ``mallopt``).
 
@@ -195,12 +208,21 @@ def limit_heap_retention(threshold_bytes: int = 1 << 20) -> bool:
     about 0.35 GB of a full-size OASIS pair's peak. A fixed threshold returns them at once.
     A no-op (False) where glibc is not the C library.
     """
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, int(threshold_bytes)))    # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
+    return _mallopt((_M_MMAP_THRESHOLD, threshold_bytes))
+
+
+def reuse_heap_memory(limit_bytes: int = 1 << 30) -> bool:
+    """Serve allocations up to ``limit_bytes`` from glibc's heap and keep freed memory there, for training.
+
+    A training step makes and frees the same large tensors at every step. Served from their
+    own mappings (glibc's choice above 32 MB), each is fresh memory whose pages fault in again,
+    every step: at 80x96x80 on two threads that was 1.4 M page faults and about 3 s of system
+    time per float32 step. From the heap they are reused: a step took 0.72x the time in float32
+    and 0.84x in bf16, for a peak 6-15 % higher (blocks kept between steps). The opposite trade
+    to :func:`limit_heap_retention`, which inference takes. A no-op (False) where glibc is not
+    the C library.
+    """
+    return _mallopt((_M_MMAP_THRESHOLD, limit_bytes), (_M_TRIM_THRESHOLD, limit_bytes))
 
 
 def compile_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -42,7 +42,8 @@ from . import distributed as ddp
 from .assembly import checkpoint_dir
 from .evaluate import write_text
 from .objective import Objective
-from .runtime import amp_dtype, autocast, bar_disabled, package_versions, provenance, resolve_device, seed_everything
+from .runtime import (amp_dtype, autocast, bar_disabled, package_versions, provenance, resolve_device,
+                      reuse_heap_memory, seed_everything)
 
 LOG_COLUMNS = ["epoch", "steps", "loss", "sim", "reg", "dice_loss", "val_dice", "skipped", "seconds", "elapsed",
                "lr", "resolution"]
@@ -116,6 +117,8 @@ class Trainer:
         self.run, self.progress = run, progress
         tc = run.train
         self.ctx, self.device = ddp.setup(resolve_device(run.device))
+        if self.device.type == "cpu":
+            reuse_heap_memory()     # the same large tensors every step: reused, not faulted in afresh
         self.dir = checkpoint_dir(run)
         self.keeper = CheckpointKeeper(self.dir, tc.keep_top_k)
         if self.ctx.is_main:      # before any data is read: a busy or occupied folder stops the run at once

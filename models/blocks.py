@@ -86,6 +86,11 @@ def _materialised(parts: list) -> list[torch.Tensor]:
     return [part() if callable(part) else part for part in parts]
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes convolutions in on ``device``'s kind; None outside autocast."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
 def conv_of_parts(conv: nn.Conv3d, parts: list) -> torch.Tensor:
     """``conv(torch.cat(parts, dim=1))`` without building the concatenation: one convolution per
     part with its slice of the weights, each added in place to the first one's result (fused into
@@ -124,7 +129,13 @@ class DoubleConv(nn.Sequential):
         """``self(torch.cat(parts, dim=1))`` (an entry may be a function making the part); without
         autograd the concatenation is never built and the list is consumed (:func:`conv_of_parts`)."""
         if torch.is_grad_enabled():
-            return self(torch.cat(_materialised(parts), dim=1))
+            parts = _materialised(parts)
+            dtype = autocast_dtype(parts[0].device)
+            if dtype is not None:
+                # the convolution rounds its input to this dtype anyway: the same values, and no
+                # float32 concatenation (float32 parts such as fields would promote the whole)
+                parts = [part.to(dtype) for part in parts]
+            return self(torch.cat(parts, dim=1))
         first, second = self
         conv, norm, _ = first
         return second(instance_norm_relu_(conv_of_parts(conv, parts), norm.eps))

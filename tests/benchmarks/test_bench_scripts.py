@@ -24,10 +24,11 @@ def test_bench_inference_rows_for_the_optimised_and_the_plain_path():
         assert float(r[5]) > 0                                  # GMACs from torch's flop counter
 
 
-def test_bench_train_rows_for_each_variant():
+def test_bench_train_rows_for_each_variant_and_heap_setting():
     rows = _rows("bench_train.py", "--sizes", "32x32x32", "--networks", "light", "--variants", "fp32", "ckpt",
-                 "--runs", "1", "--warmup", "0", "--window", "2", "2", "2")
-    assert [(r[1], r[2]) for r in rows] == [("light", "fp32"), ("light", "ckpt")]
+                 "--runs", "1", "--warmup", "0", "--window", "2", "2", "2", "--heap", "both")
+    assert [(r[1], r[2]) for r in rows] == [("light", "fp32"), ("light", "fp32, plain heap"),
+                                            ("light", "ckpt"), ("light", "ckpt, plain heap")]
     assert all(float(r[6]) > 0 and float(r[8]) > 0 for r in rows)
 
 
