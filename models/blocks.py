@@ -24,8 +24,9 @@ class Conv3d(nn.Conv3d):
     """
 
     def _bf16_inference(self, x: torch.Tensor) -> bool:
+        """The eager bf16 oneDNN path (under ``torch.compile`` autocast's convolution is traced instead)."""
         return (_onednn_supports(x, self.padding_mode, self.padding) and not torch.is_grad_enabled()
-                and cpu_bf16_autocast() and torch.backends.mkldnn.enabled)
+                and cpu_bf16_autocast() and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with(x, self.weight, self.bias)

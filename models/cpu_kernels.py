@@ -181,8 +181,8 @@ def instance_norm_relu_(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     channels-last inputs keep their layout.
     """
     f = _voxels_by_channels(x)
-    if x.dtype == torch.bfloat16 and f is not None:
-        return _instance_norm_relu_bf16(x, eps)
+    if x.dtype == torch.bfloat16 and f is not None and not torch.compiler.is_compiling():
+        return _instance_norm_relu_bf16(x, eps)       # (its out= form would break a traced graph)
     if f is None:
         var, mean = torch.var_mean(x, dim=(2, 3, 4), unbiased=False, keepdim=True)
         return x.sub_(mean).mul_(torch.rsqrt(var + eps)).relu_()

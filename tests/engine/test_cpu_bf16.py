@@ -73,3 +73,22 @@ def test_amp_on_a_cpu_without_native_bf16_falls_back_to_float32(monkeypatch, cap
 @pytest.mark.skipif(not runtime.cpu_has_native_bf16(), reason="this CPU has no native bf16")
 def test_native_bf16_detected_and_used_by_amp():
     assert runtime.amp_dtype(torch.device("cpu"), True) == torch.bfloat16
+
+
+def test_bf16_under_torch_compile_is_one_graph_close_to_float32():
+    """``eval.compile`` with ``eval.amp``: the network traces as one graph under CPU bf16 autocast
+    (run here by dynamo's eager backend, which skips code generation) and stays within the bf16
+    tolerance of the float32 field."""
+    model, (moving, fixed, _, _) = _model_and_pair()
+    torch._dynamo.reset()
+    try:
+        with torch.inference_mode():
+            u32 = model(moving, fixed)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                explanation = torch._dynamo.explain(model)(moving, fixed)
+                u16 = torch.compile(model, backend="eager", dynamic=False)(moving, fixed)
+    finally:
+        torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    diff = (u16 - u32).abs()
+    assert u16.dtype == torch.float32 and diff.mean().item() < 0.05 and diff.max().item() < 0.25
