@@ -217,10 +217,11 @@ def reuse_heap_memory(limit_bytes: int = 1 << 30) -> bool:
     A training step makes and frees the same large tensors at every step. Served from their
     own mappings (glibc's choice above 32 MB), each is fresh memory whose pages fault in again,
     every step: at 80x96x80 on two threads that was 1.4 M page faults and about 3 s of system
-    time per float32 step. From the heap they are reused: a step took 0.72x the time in float32
-    and 0.84x in bf16, for a peak 6-15 % higher (blocks kept between steps). The opposite trade
-    to :func:`limit_heap_retention`, which inference takes. A no-op (False) where glibc is not
-    the C library.
+    time per float32 step. From the heap they are reused: a float32 step took 0.72-0.78x the
+    time, for a peak about 15 % higher (blocks kept between steps); bf16 steps of that size,
+    whose maps are under 32 MB and so in the heap already, did not change beyond noise. The
+    opposite trade to :func:`limit_heap_retention`, which inference takes. A no-op (False) where
+    glibc is not the C library.
     """
     return _mallopt((_M_MMAP_THRESHOLD, limit_bytes), (_M_TRIM_THRESHOLD, limit_bytes))
 
