@@ -31,6 +31,21 @@ def test_channels_last_pooling_matches_avg_pool3d_in_float64():
     assert out.is_contiguous(memory_format=torch.channels_last_3d)
     assert torch.allclose(out, F.avg_pool3d(x, 2), atol=1e-14)
 
+
+@pytest.mark.parametrize("channels", [1, 5, 16])
+def test_channels_last_pooling_in_float32_and_bf16_against_float64(channels):
+    x = torch.randn(2, channels, 10, 8, 6, dtype=torch.float64) * 3 + 1
+    for dtype in (torch.float32, torch.bfloat16):
+        low = x.to(dtype)
+        ref = F.avg_pool3d(low.double(), 2)                    # the exact mean of the inputs as given
+        out = avg_pool2_channels_last(channels_last(low))
+        assert out.dtype == dtype and out.shape == ref.shape
+        assert out.is_contiguous(memory_format=torch.channels_last_3d)
+        if dtype == torch.float32:
+            assert torch.allclose(out.double(), ref, atol=1e-6)
+        else:                                                  # float32 sums, rounded once to bf16
+            assert torch.equal(out, ref.to(dtype))
+
 def test_onednn_operator_passes_torch_opcheck():
     # schema, fake (shape-only) kernel, autograd registration: what torch.compile relies on
     torch.manual_seed(0)
