@@ -68,21 +68,23 @@ def window_reverse_released(windows: torch.Tensor, window: Sequence[int], size: 
 # ---------------------------------------------------------------------------
 # attention inside windows
 # ---------------------------------------------------------------------------
-def polarity_split(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+def polarity_split(x: torch.Tensor, p: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``[ReLU(x)**p, ReLU(-x)**p]`` along the last axis: (..., d) -> (..., 2d).
 
     One power per element (``|x|**p``, then split by sign), not one per half. ``p`` (d,)
-    broadcasts over the leading axes.
+    broadcasts over the leading axes. Without autograd the result is computed inside ``out``
+    (made if not given; its dtype may be wider than x's) with no other temporary.
     """
-    a = x.abs().pow(p)
-    signed = a.copysign(x)
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        pos = signed.clamp_min(0)
+        a = x.abs().pow(p)
+        pos = a.copysign(x).clamp_min(0)
         return torch.cat([pos, a - pos], dim=-1)
-    out = a.new_empty((*a.shape[:-1], 2 * a.shape[-1]))      # without autograd: no concatenation
+    if out is None:
+        out = x.new_empty((*x.shape[:-1], 2 * x.shape[-1]))
     pos, neg = out.chunk(2, dim=-1)
-    torch.clamp_min(signed, 0, out=pos)
-    torch.sub(a, pos, out=neg)
+    neg.copy_(x).abs_().pow_(p)                  # |x|**p
+    torch.copysign(neg, x, out=pos).clamp_min_(0)
+    neg.sub_(pos)
     return out
 
 
@@ -209,7 +211,9 @@ class PolarityAttention(nn.Module):
         y = torch.matmul(band, by_channel).view(hd, n, bw, h).permute(2, 1, 3, 0).reshape(bw, n, d)
         return y if self.dwc.bias is None else y + self.dwc.bias.repeat(h).to(y.dtype)
 
-    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor, scratch: dict | None = None) -> torch.Tensor:
+        """``scratch``: without autograd, a dict in which the polarity core keeps its buffers
+        from one call to the next (calls on chunks of at most as many windows as the first)."""
         d = self.dim
         weight = self.qkvg.weight
         # queries and keys divided by softplus(scale), folded into their weights
@@ -221,8 +225,19 @@ class PolarityAttention(nn.Module):
         # polarity core in at least float32: x**p with p up to 16 overflows half precision
         core = torch.promote_types(q.dtype, torch.float32)
         p = self.exponent().reshape(d).to(core)
-        q2 = polarity_split(q.to(core), p)
-        k2 = polarity_split(k.to(core) + (self.positional / scale).to(core), p)
+        positional = (self.positional / scale).to(core)
+        if scratch is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            q2 = polarity_split(q.to(core), p)
+            k2 = polarity_split(k.to(core) + positional, p)
+        else:
+            # buffers kept between chunks: a new tensor of a megabyte or more is fresh memory
+            bw, n = q.shape[:2]
+            if "q2" not in scratch:
+                scratch.update({name: q.new_empty((bw, n, c), dtype=core) for name, c in (("q2", 2 * d), ("k2", 2 * d),
+                                                                                        ("k", d))})
+            k_core = torch.add(k, positional, out=scratch["k"][:bw])
+            q2 = polarity_split(q, p, out=scratch["q2"][:bw])
+            k2 = polarity_split(k_core, p, out=scratch["k2"][:bw])
         x = polarity_streams(q2, k2, v.to(core), self.num_heads, self.eps).to(v.dtype)   # (B', N, d)
         del q2, k2
 
@@ -266,9 +281,9 @@ class PoLaCA(nn.Module):
     def _attention_in_chunks(self, f_win: torch.Tensor, m_win: torch.Tensor) -> torch.Tensor:
         """``self.attn(f_win, m_win)`` over chunks of about ``inference_chunk_tokens`` tokens."""
         step = max(1, self.inference_chunk_tokens // f_win.shape[1])
-        parts = []
+        parts, scratch = [], {}
         for i in range(0, len(f_win), step):
-            parts.append(self.attn(f_win[i:i + step], m_win[i:i + step]))
+            parts.append(self.attn(f_win[i:i + step], m_win[i:i + step], scratch))
         return torch.cat(parts)
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:

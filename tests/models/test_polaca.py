@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.polaca import PoLaCA, PolarityAttention, pad_to_multiple, window_partition, window_reverse
+from models.polaca import PoLaCA, PolarityAttention, pad_to_multiple, polarity_split, window_partition, window_reverse
 
 
 def test_window_partition_and_reverse_are_inverse():
@@ -112,10 +112,11 @@ def _randomise(module, seed=0):
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.3 if "power" not in name else 1.0))
 
 
-@pytest.mark.parametrize("inference", [False, True])
-def test_polaca_matches_loop_reference_with_padding(inference, monkeypatch):
-    """Autograd path, and the inference path (attention in chunks of 2 windows, no concatenation)."""
-    monkeypatch.setattr(PoLaCA, "inference_chunk_tokens", 24)
+@pytest.mark.parametrize("inference, chunk_tokens", [(False, 24), (True, 24), (True, 60)])
+def test_polaca_matches_loop_reference_with_padding(inference, chunk_tokens, monkeypatch):
+    """Autograd path, and the inference path: attention in chunks of 2 windows, or of 5 with a
+    last chunk of 2 (buffers kept from one chunk to the next), no concatenation."""
+    monkeypatch.setattr(PoLaCA, "inference_chunk_tokens", chunk_tokens)
     torch.manual_seed(0)
     block = PoLaCA(dim=16, window=(2, 3, 2), num_heads=4, alpha=3.0, dwc_kernel=3).double()
     _randomise(block)
@@ -177,3 +178,26 @@ def test_polaca_any_size_and_half_inputs_finite():
 def test_head_split_validated(kwargs):
     with pytest.raises(ValueError, match="heads"):
         PolarityAttention(window=(2, 2, 2), **kwargs)
+
+
+def test_polarity_split_against_float64_powers_in_every_path():
+    """``[ReLU(x)**p, ReLU(-x)**p]``: the autograd form, the inference form making its own
+    output, and the inference form writing bf16 or float32 input into a float32 buffer."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 7, 6, generator=g)
+    x[0, 0, :2] = 0.0                                               # zeros go to neither half
+    p = 1.0 + 9.0 * torch.rand(6, generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        given = x.to(dtype)
+        xd, pd = given.double(), p.double()
+        ref = torch.cat([xd.clamp_min(0) ** pd, (-xd).clamp_min(0) ** pd], dim=-1)
+        with torch.enable_grad():
+            autograd = polarity_split(given.float(), p)
+        with torch.inference_mode():
+            own = polarity_split(given.float(), p)
+            buffer = torch.full((3, 7, 12), float("nan"))
+            into = polarity_split(given, p, out=buffer)
+        assert into.data_ptr() == buffer.data_ptr()
+        for out in (autograd, own, into):
+            assert out.dtype == torch.float32
+            assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-30)
