@@ -188,6 +188,7 @@ class PeakMemory:
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3     # glibc's mallopt parameters
+_GLIBC_TRIM_DEFAULT = 128 * 1024
 
 
 def _mallopt(*settings: tuple[int, int]) -> bool:
@@ -206,9 +207,11 @@ def limit_heap_retention(threshold_bytes: int = 1 << 20) -> bool:
     glibc raises its mmap threshold up to 32 MB as large blocks are freed, after which
     feature maps of the coarse levels land in the heap and stay resident after being freed:
     about 0.35 GB of a full-size OASIS pair's peak. A fixed threshold returns them at once.
-    A no-op (False) where glibc is not the C library.
+    Free memory at the top of the heap goes back above glibc's default 128 KiB, also after
+    :func:`reuse_heap_memory` (inference after training in one process). A no-op (False) where
+    glibc is not the C library.
     """
-    return _mallopt((_M_MMAP_THRESHOLD, threshold_bytes))
+    return _mallopt((_M_MMAP_THRESHOLD, threshold_bytes), (_M_TRIM_THRESHOLD, _GLIBC_TRIM_DEFAULT))
 
 
 def reuse_heap_memory(limit_bytes: int = 1 << 30) -> bool:

@@ -51,8 +51,11 @@ def test_reuse_heap_memory_serves_freed_blocks_again_without_faulting_them_in():
     assert faults < 0.4 * _PAGES              # kept in the heap: mostly reused as they are
 
 
-def test_limit_heap_retention_returns_freed_blocks_at_once():
-    applied, faults = _step_faults("runtime.limit_heap_retention()")
+@pytest.mark.parametrize("setup", ["runtime.limit_heap_retention()",
+                                   "runtime.reuse_heap_memory() and runtime.limit_heap_retention()"])
+def test_limit_heap_retention_returns_freed_blocks_at_once(setup):
+    # also after reuse_heap_memory: inference after training in one process
+    applied, faults = _step_faults(setup)
     if not applied:
         pytest.skip("glibc's mallopt is not available here")
     assert faults > 0.8 * _PAGES              # a mapping of its own each time: the memory went back
