@@ -98,11 +98,13 @@ def main(argv=None):
         return
     variants = args.variants or (["fp32", "ckpt", "amp", "amp+ckpt"] if args.device.startswith("cuda")
                                  else ["fp32", "ckpt"])
+    # the heap setting is the CPU process's; on CUDA "both" would measure one setting twice
+    heaps = ["reuse", "plain"] if args.heap == "both" and args.device == "cpu" else [args.heap]
     rows = []
     for size in args.sizes:
         for network in args.networks:
             for variant in variants:
-                for heap in (["reuse", "plain"] if args.heap == "both" else [args.heap]):
+                for heap in heaps:
                     child = ["--size", size, "--network", network, "--variant", variant, "--device", args.device,
                              "--threads", str(args.threads), "--runs", str(args.runs), "--warmup", str(args.warmup),
                              "--window", *map(str, args.window), "--heap", heap]
