@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .cpu_kernels import (_HAS_FUSED_ADD, _onednn_applies, _onednn_supports, channels_last, cpu_bf16_autocast,
-                          instance_norm_relu_, onednn_conv3d, onednn_conv3d_add_, onednn_conv3d_bf16)
+from .cpu_kernels import (_HAS_FUSED_ADD, _onednn_applies, _onednn_supports, autocast_dtype, channels_last,
+                          cpu_bf16_autocast, instance_norm_relu_, onednn_conv3d, onednn_conv3d_add_, onednn_conv3d_bf16)
 
 
 class Conv3d(nn.Conv3d):
@@ -87,11 +87,6 @@ def _materialised(parts: list) -> list[torch.Tensor]:
     return [part() if callable(part) else part for part in parts]
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype autocast computes convolutions in on ``device``'s kind; None outside autocast."""
-    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-
-
 def conv_of_parts(conv: nn.Conv3d, parts: list) -> torch.Tensor:
     """``conv(torch.cat(parts, dim=1))`` without building the concatenation: one convolution per
     part with its slice of the weights, each added in place to the first one's result (fused into
@@ -131,7 +126,7 @@ class DoubleConv(nn.Sequential):
         autograd the concatenation is never built and the list is consumed (:func:`conv_of_parts`)."""
         if torch.is_grad_enabled():
             parts = _materialised(parts)
-            dtype = autocast_dtype(parts[0].device)
+            dtype = autocast_dtype(parts[0].device.type)
             if dtype is not None:
                 # the convolution rounds its input to this dtype anyway: the same values, and no
                 # float32 concatenation (float32 parts such as fields would promote the whole)

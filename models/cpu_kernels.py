@@ -82,9 +82,15 @@ def avg_pool2_channels_last(x: torch.Tensor) -> torch.Tensor:
 _HAS_ONEDNN = torch.backends.mkldnn.is_available()
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes convolutions in for ``device_type`` ("cpu", "cuda", ...); None
+    outside autocast."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def cpu_bf16_autocast() -> bool:
     """True inside ``torch.autocast("cpu", dtype=torch.bfloat16)``."""
-    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return autocast_dtype("cpu") == torch.bfloat16
 
 
 def onednn_conv3d_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding, stride, dilation,

@@ -232,9 +232,9 @@ class PolarityAttention(nn.Module):
         else:
             # buffers kept between chunks: a new tensor of a megabyte or more is fresh memory
             bw, n = q.shape[:2]
-            if "q2" not in scratch:
-                scratch.update({name: q.new_empty((bw, n, c), dtype=core) for name, c in (("q2", 2 * d), ("k2", 2 * d),
-                                                                                        ("k", d))})
+            if not scratch:
+                scratch["q2"], scratch["k2"] = (q.new_empty((bw, n, 2 * d), dtype=core) for _ in range(2))
+                scratch["k"] = q.new_empty((bw, n, d), dtype=core)
             k_core = torch.add(k, positional, out=scratch["k"][:bw])
             q2 = polarity_split(q, p, out=scratch["q2"][:bw])
             k2 = polarity_split(k_core, p, out=scratch["k2"][:bw])
