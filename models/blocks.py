@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from .cpu_kernels import (_HAS_FUSED_ADD, _onednn_applies, _onednn_supports, autocast_dtype, channels_last,
-                          cpu_bf16_autocast, instance_norm_relu_, onednn_conv3d, onednn_conv3d_add_, onednn_conv3d_bf16)
+                          cpu_bf16_autocast, instance_norm_relu_, instance_norm_relu_channels_last, is_channels_last,
+                          onednn_conv3d, onednn_conv3d_add_, onednn_conv3d_bf16)
 
 
 class Conv3d(nn.Conv3d):
@@ -63,13 +64,19 @@ class Conv3d(nn.Conv3d):
 
 
 class _LayerNormAct(nn.Sequential):
-    """layer -> InstanceNorm3d -> ReLU; without autograd the norm and ReLU run in place."""
+    """layer -> InstanceNorm3d -> ReLU; without autograd the norm and ReLU run in place, and
+    CPU training keeps a channels-last layer output channels-last through them."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layer, norm, _ = self
-        if torch.is_grad_enabled() or norm.affine or norm.track_running_stats:
+        layer, norm, act = self
+        if norm.affine or norm.track_running_stats:
             return super().forward(x)
-        return instance_norm_relu_(layer(x), norm.eps)
+        y = layer(x)
+        if not torch.is_grad_enabled():
+            return instance_norm_relu_(y, norm.eps)
+        if y.device.type == "cpu" and is_channels_last(y) and not torch.compiler.is_compiling():
+            return instance_norm_relu_channels_last(y, norm.eps)
+        return act(norm(y))
 
 
 class ConvNormAct(_LayerNormAct):
@@ -126,11 +133,13 @@ class DoubleConv(nn.Sequential):
         autograd the concatenation is never built and the list is consumed (:func:`conv_of_parts`)."""
         if torch.is_grad_enabled():
             parts = _materialised(parts)
+            # under autocast the convolution rounds its input to that dtype anyway: the same
+            # values, and no float32 concatenation (float32 parts such as fields would promote
+            # the whole). On the CPU, channels-last: one part in the default layout (a field)
+            # would make the concatenation so, and every layer after it slower in oneDNN.
             dtype = autocast_dtype(parts[0].device.type)
-            if dtype is not None:
-                # the convolution rounds its input to this dtype anyway: the same values, and no
-                # float32 concatenation (float32 parts such as fields would promote the whole)
-                parts = [part.to(dtype) for part in parts]
+            layout = torch.channels_last_3d if parts[0].device.type == "cpu" else torch.preserve_format
+            parts = [part.to(dtype=dtype or part.dtype, memory_format=layout) for part in parts]
             return self(torch.cat(parts, dim=1))
         first, second = self
         conv, norm, _ = first

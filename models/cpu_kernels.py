@@ -10,6 +10,11 @@ import torch
 import torch.nn.functional as F
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether (B, C, D, H, W) ``x`` is laid out channels-last and not also in the default order."""
+    return x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+
+
 def channels_last(x: torch.Tensor) -> torch.Tensor:
     """(B, C, D, H, W) in channels-last memory order (no copy when it already is). The CPU
     inference path runs in it: oneDNN convolutions and trilinear sampling are markedly faster
@@ -64,7 +69,29 @@ def avg_pool2_channels_last(x: torch.Tensor) -> torch.Tensor:
     as a depthwise convolution of stride 2 with taps 1/8: sums in float32, one rounding (the
     exact mean rounded once in bf16), 16 channels at full size 22 ms in bf16 and 50 ms in
     float32 against 134 and 184 ms for pairwise sums. Other dtypes, and traced code, take
-    three pairwise sums over the (B, D, H, W, C) view."""
+    three pairwise sums over the (B, D, H, W, C) view. With autograd the gradient is spread
+    back by one broadcast copy (oneDNN's depthwise backward is several times slower)."""
+    if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
+        return _AvgPool2ChannelsLast.apply(x)
+    return _avg_pool2_channels_last(x)
+
+
+class _AvgPool2ChannelsLast(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return _avg_pool2_channels_last(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        b, c, d, h, w = grad.shape
+        out = torch.empty((b, c, 2 * d, 2 * h, 2 * w), dtype=grad.dtype, device=grad.device,
+                          memory_format=torch.channels_last_3d)
+        spread = out.permute(0, 2, 3, 4, 1).view(b, d, 2, h, 2, w, 2, c)
+        spread.copy_((grad * 0.125).permute(0, 2, 3, 4, 1).view(b, d, 1, h, 1, w, 1, c).expand_as(spread))
+        return out
+
+
+def _avg_pool2_channels_last(x: torch.Tensor) -> torch.Tensor:
     c = x.shape[1]
     if (x.dtype in (torch.float32, torch.bfloat16) and _HAS_ONEDNN and torch.backends.mkldnn.enabled
             and not torch.compiler.is_compiling()):
@@ -209,6 +236,76 @@ def instance_norm_relu_(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     var = _sum_over_voxels(f, squares=True) / n
     f.mul_(torch.rsqrt(var + eps).to(x.dtype).unsqueeze(1)).clamp_min_(0)
     return x
+
+
+def _per_channel(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, C) statistics as a (B, C, 1, 1, 1) tensor of ``dtype`` that broadcasts over a volume."""
+    return t.to(dtype)[:, :, None, None, None]
+
+
+class _InstanceNormReLUFloat32(torch.autograd.Function):
+    """ReLU(InstanceNorm(x)) of a float32 channels-last (B, C, D, H, W) with statistics by
+    blocks (:func:`_sum_over_voxels`); saves only the normalised values and 1/std. With
+    g' = g [x_hat > 0] the gradient is (g' - mean(g') - x_hat mean(g' x_hat)) / std."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
+        n = x[0, 0].numel()
+        mean = _sum_over_voxels(_voxels_by_channels(x)) / n
+        x_hat = x - _per_channel(mean, x.dtype)
+        rstd = torch.rsqrt(_sum_over_voxels(_voxels_by_channels(x_hat), squares=True) / n + eps).to(x.dtype)
+        x_hat.mul_(_per_channel(rstd, x.dtype))
+        ctx.save_for_backward(x_hat, rstd)
+        return x_hat.relu()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x_hat, rstd = ctx.saved_tensors
+        g = torch.ops.aten.threshold_backward(grad, x_hat, 0.0)
+        # PyTorch's fused batch-norm backward of a sample with mean 0, 1/std 1 and weight 1/std
+        # is that formula in one pass (its sums in float32, fine for a gradient)
+        c = x_hat.shape[1]
+        zeros, ones = x_hat.new_zeros(c), x_hat.new_ones(c)
+        parts = [torch.ops.aten.native_batch_norm_backward(g[b:b + 1], x_hat[b:b + 1], rstd[b], None, None, zeros,
+                                                           ones, True, 0.0, [True, False, False])[0]
+                 for b in range(x_hat.shape[0])]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)), None
+
+
+def instance_norm_relu_channels_last(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """ReLU(InstanceNorm(x)) (no affine) of a channels-last (B, C, D, H, W) tensor with autograd,
+    answered channels-last. ``F.instance_norm`` makes its input contiguous first (a full-size
+    copy, and every later layer in oneDNN's slower layout). In bf16, PyTorch's batch norm of one
+    sample with batch statistics (the same function, computed in channels-last); its float32
+    channels-last kernel sums in one float32 pass (errors near 1e-5 of the std, 1e-4 with a
+    large mean), so float32 takes block sums (:class:`_InstanceNormReLUFloat32`) instead."""
+    if x.dtype == torch.float32:
+        return _InstanceNormReLUFloat32.apply(x, eps)
+    if x.shape[0] == 1:
+        return F.batch_norm(x, None, None, training=True, eps=eps).relu_()
+    # split rather than indexed: the samples' gradients meet in one concatenation, where slices
+    # would each fill a full-size zero tensor (in the default layout) and sum them
+    return torch.cat([F.batch_norm(sample, None, None, training=True, eps=eps) for sample in x.split(1)]).relu_()
+
+
+class _FloatWithChannelsLastGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.dtype = x.dtype
+        return x.float() if x.dtype != torch.float32 else x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.to(dtype=ctx.dtype, memory_format=torch.channels_last_3d)
+
+
+def float_with_channels_last_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x.float()`` whose gradient comes back channels-last, in ``x``'s dtype, in one copy.
+
+    For channels-last features sampled by ``grid_sample`` during training: its gradient for the
+    features is answered in the default layout, and meeting the channels-last gradients of the
+    features' other uses it would turn every sum and ReLU backward after it into a strided pass."""
+    return _FloatWithChannelsLastGrad.apply(x)
 
 
 _GATHER_CHUNK = 1 << 16     # output voxels per chunk of warp_by_gather (whole slices along D)

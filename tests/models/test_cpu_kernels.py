@@ -1,5 +1,6 @@
-"""CPU inference kernels against plain PyTorch or scipy in float64: the in-place norm,
-channels-last pooling, the oneDNN convolution operator and warping by row gathers."""
+"""CPU kernels against plain PyTorch or scipy in float64: the in-place norm, the training
+norm, channels-last pooling (and its gradient), the oneDNN convolution operator and warping by
+row gathers."""
 import numpy as np
 import pytest
 import torch
@@ -7,8 +8,11 @@ import torch.nn.functional as F
 from scipy.ndimage import map_coordinates
 
 import models.cpu_kernels as cpu_kernels
-from models.cpu_kernels import (avg_pool2_channels_last, channels_last, instance_norm_relu_, onednn_conv3d,
+from models.cpu_kernels import (avg_pool2_channels_last, channels_last, float_with_channels_last_grad,
+                                instance_norm_relu_, instance_norm_relu_channels_last, onednn_conv3d,
                                 onednn_conv3d_bf16, warp_by_gather)
+
+CL = torch.channels_last_3d
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 6, 7), (1, 4, 20, 16, 16), (1, 2, 17, 16, 16)])
@@ -45,6 +49,72 @@ def test_channels_last_pooling_in_float32_and_bf16_against_float64(channels):
             assert torch.allclose(out.double(), ref, atol=1e-6)
         else:                                                  # float32 sums, rounded once to bf16
             assert torch.equal(out, ref.to(dtype))
+
+def _float64_norm_relu_and_gradient(x: torch.Tensor, grad: torch.Tensor):
+    ref_x = x.detach().to(torch.float64, copy=True).requires_grad_(True)
+    normalised = F.instance_norm(ref_x, eps=1e-5)
+    torch.relu(normalised).backward(grad.double())
+    return normalised.detach(), ref_x.grad
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_training_norm_relu_in_float32_against_float64(batch):
+    # a channel with a large mean: PyTorch's channels-last batch norm, summing in one float32
+    # pass, is off by 4e-5 there (this size), the block sums by 3e-6
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32, 32, dtype=torch.float64) * 3 + 1
+    x[:, 2] += 100
+    grad = torch.randn_like(x)
+    normalised, ref_grad = _float64_norm_relu_and_gradient(x, grad)
+    inp = channels_last(x.float()).requires_grad_(True)
+    out = instance_norm_relu_channels_last(inp)
+    out.backward(channels_last(grad.float()))
+    assert out.is_contiguous(memory_format=CL) and inp.grad.is_contiguous(memory_format=CL)
+    assert (out.double() - normalised.relu()).abs().max() < 1e-5
+    assert (inp.grad.double() - ref_grad).abs().max() < 1e-4 * ref_grad.abs().max()
+
+
+def test_training_norm_relu_in_bf16_against_float64():
+    # bf16 inputs as given (rounded once), float64 reference of those values: the result is off
+    # by the output's rounding, and the gradient by that of bf16 arithmetic (compared where the
+    # ReLU's decision is clear: a value rounded across zero passes or stops its whole gradient)
+    torch.manual_seed(1)
+    x = (torch.randn(2, 4, 12, 10, 8, dtype=torch.float64) * 3 + 1).bfloat16()
+    grad = torch.randn(x.shape, dtype=torch.float64).bfloat16()
+    normalised, ref_grad = _float64_norm_relu_and_gradient(x, grad)
+    inp = channels_last(x).requires_grad_(True)
+    out = instance_norm_relu_channels_last(inp)
+    out.backward(channels_last(grad))
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=CL)
+    assert inp.grad.is_contiguous(memory_format=CL)
+    assert (out.double() - normalised.relu()).abs().max() < 0.02
+    clear = normalised.abs() > 0.05
+    assert clear.float().mean() > 0.9
+    assert (inp.grad.double() - ref_grad)[clear].abs().max() < 0.02 * ref_grad.abs().max()
+
+
+def test_channels_last_pooling_gradient_matches_float64():
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 6, 8, 4, dtype=torch.float64)
+    grad = torch.randn(2, 3, 3, 4, 2, dtype=torch.float64)
+    ref_x = x.clone().requires_grad_(True)
+    F.avg_pool3d(ref_x, 2).backward(grad)
+    for dtype in (torch.float32, torch.float64):
+        inp = channels_last(x.to(dtype)).requires_grad_(True)
+        avg_pool2_channels_last(inp).backward(grad.to(dtype))
+        assert inp.grad.is_contiguous(memory_format=CL)
+        assert torch.allclose(inp.grad.double(), ref_x.grad, atol=1e-6)
+
+
+def test_float_copy_returns_its_gradient_channels_last_in_the_input_dtype():
+    x = channels_last(torch.randn(1, 3, 4, 5, 6).bfloat16()).requires_grad_(True)
+    y = float_with_channels_last_grad(x)
+    assert y.dtype == torch.float32 and torch.equal(y, x.detach().float())
+    grad = torch.randn(1, 3, 4, 5, 6)                          # the default layout, as grid_sample answers
+    y.backward(grad)
+    assert x.grad.dtype == torch.bfloat16 and x.grad.is_contiguous(memory_format=CL)
+    assert torch.equal(x.grad, grad.bfloat16())
+
 
 def test_onednn_operator_passes_torch_opcheck():
     # schema, fake (shape-only) kernel, autograd registration: what torch.compile relies on

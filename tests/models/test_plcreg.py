@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import build_model, load_model, save_model
 from models.plcreg import EstimatorLevel
@@ -112,6 +113,42 @@ def test_compose_levels_composes_residual_with_coarse_field():
     expect_comp = expect_add + torch.einsum("ij,j->i", B, c).view(1, 3, 1, 1, 1)
     assert torch.allclose(out[False], expect_add, atol=1e-12)
     assert torch.allclose(out[True][inner], expect_comp[inner], atol=1e-10)
+
+
+class _ConvolutionLayouts(TorchDispatchMode):
+    """Records whether each convolution's input and incoming gradient are channels-last."""
+
+    def __init__(self):
+        super().__init__()
+        self.layouts = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        # (how many leading tensor arguments to look at, where the "transposed" flag is)
+        watched = {"convolution": (1, 6), "mkldnn_convolution": (1, None), "convolution_backward": (2, 7)}
+        if name in watched:
+            count, flag = watched[name]
+            if flag is None or not args[flag]:
+                for t in args[:count]:
+                    if t.shape[1] > 1:
+                        self.layouts.append((name, tuple(t.shape), t.is_contiguous(memory_format=torch.channels_last_3d)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_cpu_training_step_keeps_convolutions_channels_last(amp):
+    """oneDNN's fast layout through a whole training step: inputs and gradients of every
+    convolution (fields, norms, pooling and warped features would each fall back to the default
+    layout if left to PyTorch), in float32 and under CPU bf16 autocast."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**SMALL)).train()
+    moving, fixed = _pair((32, 32, 32))
+    with _ConvolutionLayouts() as record:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            u = model(moving, fixed)
+        (warp(moving, u.float()) - fixed).square().mean().backward()
+    assert len(record.layouts) > 50
+    assert [entry for entry in record.layouts if not entry[2]] == []
 
 
 def test_checkpoint_round_trip_and_refusals(tmp_path):
