@@ -1,8 +1,9 @@
-"""CPU inference kernels behind the blocks (models/blocks.py): oneDNN convolutions that
-``torch.compile`` keeps whole, channels-last 2x average pooling, the in-place blocked
-InstanceNorm+ReLU, and trilinear warping of channels-last features by row gathers. Each
-computes what a plain PyTorch call computes (tested against it in float64); they exist for
-speed and memory on the CPU, never for other results.
+"""CPU kernels behind the blocks (models/blocks.py): oneDNN convolutions that ``torch.compile``
+keeps whole, channels-last 2x average pooling, the in-place blocked InstanceNorm+ReLU, and
+trilinear warping of channels-last features by row gathers for inference; for training, a
+channels-last InstanceNorm+ReLU and the pieces that keep gradients channels-last. Each computes
+what a plain PyTorch call computes (tested against it in float64); they exist for speed and
+memory on the CPU, never for other results.
 """
 from __future__ import annotations
 

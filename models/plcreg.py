@@ -25,8 +25,8 @@ from utils.spatial import (SpatialTransformer, compose, integrate_velocity, rele
                            upsample_displacement_released)
 
 from .blocks import DoubleConv, FlowHead, UpConv
-from .cpu_kernels import (autocast_dtype, avg_pool2_channels_last, channels_last, float_with_channels_last_grad, is_channels_last,
-                          warp_by_gather)
+from .cpu_kernels import (autocast_dtype, avg_pool2_channels_last, channels_last, float_with_channels_last_grad,
+                          is_channels_last, warp_by_gather)
 from .polaca import PoLaCA
 from .registry import register_model
 

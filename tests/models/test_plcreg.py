@@ -131,7 +131,8 @@ class _ConvolutionLayouts(TorchDispatchMode):
             if flag is None or not args[flag]:
                 for t in args[:count]:
                     if t.shape[1] > 1:
-                        self.layouts.append((name, tuple(t.shape), t.is_contiguous(memory_format=torch.channels_last_3d)))
+                        channels_last = t.is_contiguous(memory_format=torch.channels_last_3d)
+                        self.layouts.append((name, tuple(t.shape), channels_last))
         return func(*args, **(kwargs or {}))
 
 
