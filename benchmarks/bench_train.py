@@ -28,15 +28,17 @@ def measure(args) -> dict:
     import torch
 
     from engine.objective import Objective
-    from engine.runtime import amp_dtype, autocast, reuse_heap_memory
+    from engine.runtime import amp_dtype, autocast, keeps_training_heap, reuse_heap_memory
     from models import build_model
     from utils.config import ModelConfig, TrainConfig
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if device.type == "cpu" and args.heap == "reuse":
-        reuse_heap_memory()             # as the trainer does
     ckpt, amp = "ckpt" in args.variant, "amp" in args.variant
+    keep_heap = device.type == "cpu" and {"trainer": keeps_training_heap(device, ckpt), "reuse": True,
+                                          "plain": False}[args.heap]
+    if keep_heap:
+        reuse_heap_memory()
     model = build_model(ModelConfig(window_size=tuple(args.window), grad_checkpointing=ckpt,
                                     **NETWORKS[args.network])).to(device).train()
     objective = Objective(TrainConfig(), range(1, 36))
@@ -59,7 +61,7 @@ def measure(args) -> dict:
             torch.cuda.synchronize()
 
     m = time_and_peak(step, args.warmup, args.runs, device)
-    variant = args.variant + (", plain heap" if args.heap == "plain" and device.type == "cpu" else "")
+    variant = args.variant + (", plain heap" if device.type == "cpu" and not keep_heap else "")
     return {"size": args.size, "network": args.network, "variant": variant, "device": device.type,
             "threads": args.threads, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
             "median_s": statistics.median(m["times"]), "min_s": min(m["times"]), "peak_mib": m["peak_mib"]}
@@ -83,9 +85,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--heap", choices=["reuse", "plain", "both"], default="reuse",
-                   help="CPU: keep freed memory in the heap for the next step as the trainer does (reuse), "
-                        "leave glibc's settings alone (plain), or measure both side by side")
+    p.add_argument("--heap", choices=["trainer", "reuse", "plain", "both"], default="trainer",
+                   help="CPU: as the trainer decides (kept unless checkpointing), keep freed memory in the heap "
+                        "for the next step (reuse), leave glibc's settings alone (plain), or measure both side by side")
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     p.add_argument("--label", default="")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -229,6 +229,15 @@ def reuse_heap_memory(limit_bytes: int = 1 << 30) -> bool:
     return _mallopt((_M_MMAP_THRESHOLD, limit_bytes), (_M_TRIM_THRESHOLD, limit_bytes))
 
 
+def keeps_training_heap(device: torch.device, grad_checkpointing: bool) -> bool:
+    """Whether a training process keeps freed memory in the heap (:func:`reuse_heap_memory`): on
+    the CPU, unless the run trades time for memory with gradient checkpointing. At full size
+    (160x224x192, bf16, two threads) the kept heap took a step from 51.8 to 35.4 s and its peak
+    from 14.5 to 18.7 GB; with checkpointing from 58.9 to 40.9 s but from 10.4 to 18.5 GB, all of
+    what checkpointing saves."""
+    return device.type == "cpu" and not grad_checkpointing
+
+
 def compile_model(model: torch.nn.Module) -> torch.nn.Module:
     """Compile ``model``'s forward in place with ``torch.compile`` (fixed shapes) and return it.
 

@@ -43,7 +43,7 @@ from .assembly import checkpoint_dir
 from .evaluate import write_text
 from .objective import Objective
 from .runtime import (amp_dtype, autocast, bar_disabled, package_versions, provenance, resolve_device,
-                      reuse_heap_memory, seed_everything)
+                      keeps_training_heap, reuse_heap_memory, seed_everything)
 
 LOG_COLUMNS = ["epoch", "steps", "loss", "sim", "reg", "dice_loss", "val_dice", "skipped", "seconds", "elapsed",
                "lr", "resolution"]
@@ -117,7 +117,7 @@ class Trainer:
         self.run, self.progress = run, progress
         tc = run.train
         self.ctx, self.device = ddp.setup(resolve_device(run.device))
-        if self.device.type == "cpu":
+        if keeps_training_heap(self.device, run.model.grad_checkpointing):
             reuse_heap_memory()     # the same large tensors every step: reused, not faulted in afresh
         self.dir = checkpoint_dir(run)
         self.keeper = CheckpointKeeper(self.dir, tc.keep_top_k)

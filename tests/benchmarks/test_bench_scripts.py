@@ -32,6 +32,13 @@ def test_bench_train_rows_for_each_variant_and_heap_setting():
     assert all(float(r[6]) > 0 and float(r[8]) > 0 for r in rows)
 
 
+def test_bench_train_by_default_sets_the_heap_as_the_trainer_does():
+    # kept for plain steps, glibc's default with checkpointing (which is there to save memory)
+    rows = _rows("bench_train.py", "--sizes", "32x32x32", "--networks", "light", "--variants", "fp32", "ckpt",
+                 "--runs", "1", "--warmup", "0", "--window", "2", "2", "2")
+    assert [(r[1], r[2]) for r in rows] == [("light", "fp32"), ("light", "ckpt, plain heap")]
+
+
 def test_bench_inference_profile_lists_the_heaviest_operators():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_inference.py"), "--sizes", "32x32x32",
                           "--runs", "1", "--warmup", "0", "--widths", "8", "16", "16", "32", "32", "--window", "2", "2",

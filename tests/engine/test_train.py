@@ -46,6 +46,14 @@ def test_resume_equals_uninterrupted_run(oasis_root, tmp_path):
     assert float(rows[1]["loss"]) == pytest.approx(full.log[1]["loss"], rel=1e-6)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_cpu_trainer_keeps_the_heap_unless_checkpointing(oasis_root, tmp_path, monkeypatch, checkpointing):
+    calls = []
+    monkeypatch.setattr("engine.train.reuse_heap_memory", lambda: calls.append(True))
+    Trainer(_run(oasis_root, tmp_path, 1, **{"model.grad_checkpointing": checkpointing}), progress=False)
+    assert calls == ([] if checkpointing else [True])
+
+
 def test_checkpoint_files_and_contents(oasis_root, tmp_path):
     trainer = Trainer(_run(oasis_root, tmp_path, 3, **{"train.keep_top_k": 2}), progress=False)
     trainer.fit()
