@@ -223,8 +223,8 @@ def reuse_heap_memory(limit_bytes: int = 1 << 30) -> bool:
     time per float32 step. From the heap they are reused: a float32 step took 0.72-0.78x the
     time, for a peak about 15 % higher (blocks kept between steps); bf16 steps of that size,
     whose maps are under 32 MB and so in the heap already, did not change beyond noise. The
-    opposite trade to :func:`limit_heap_retention`, which inference takes. A no-op (False) where
-    glibc is not the C library.
+    opposite trade to :func:`limit_heap_retention`, which inference takes; the trainer takes it
+    when :func:`keeps_training_heap` says so. A no-op (False) where glibc is not the C library.
     """
     return _mallopt((_M_MMAP_THRESHOLD, limit_bytes), (_M_TRIM_THRESHOLD, limit_bytes))
 
