@@ -229,33 +229,32 @@ def instance_norm_relu_(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     if f is None:
         var, mean = torch.var_mean(x, dim=(2, 3, 4), unbiased=False, keepdim=True)
         return x.sub_(mean).mul_(torch.rsqrt(var + eps)).relu_()
-    # statistics by blocks (two passes: mean, then squares about it): several times faster than
-    # var_mean over the spatial axes on large volumes (most of all channels-last), as accurate
-    n = f.shape[1]
-    mean = _sum_over_voxels(f) / n
-    f.sub_(mean.to(x.dtype).unsqueeze(1))
-    var = _sum_over_voxels(f, squares=True) / n
-    f.mul_(torch.rsqrt(var + eps).to(x.dtype).unsqueeze(1)).clamp_min_(0)
-    return x
+    return _normalise_by_blocks(x, eps, in_place=True)[0].relu_()
 
 
-def _per_channel(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, C) statistics as a (B, C, 1, 1, 1) tensor of ``dtype`` that broadcasts over a volume."""
-    return t.to(dtype)[:, :, None, None, None]
+def _normalise_by_blocks(x: torch.Tensor, eps: float, in_place: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x - mean) / std`` per sample and channel of a contiguous or channels-last (B, C, D, H, W)
+    (in ``x`` itself, or a new tensor of its layout), and 1/std (B, C) in float64. Statistics by
+    blocks (two passes: mean, then squares about it): several times faster than var_mean over
+    the spatial axes on large volumes (most of all channels-last), as accurate."""
+    n = x[0, 0].numel()
+    mean = (_sum_over_voxels(_voxels_by_channels(x)) / n).to(x.dtype)[:, :, None, None, None]
+    y = x.sub_(mean) if in_place else x - mean
+    rstd = torch.rsqrt(_sum_over_voxels(_voxels_by_channels(y), squares=True) / n + eps)
+    y.mul_(rstd.to(x.dtype)[:, :, None, None, None])
+    return y, rstd
 
 
 class _InstanceNormReLUFloat32(torch.autograd.Function):
     """ReLU(InstanceNorm(x)) of a float32 channels-last (B, C, D, H, W) with statistics by
-    blocks (:func:`_sum_over_voxels`); saves only the normalised values and 1/std. With
-    g' = g [x_hat > 0] the gradient is (g' - mean(g') - x_hat mean(g' x_hat)) / std."""
+    blocks (:func:`_normalise_by_blocks`, as the inference norm); saves only the normalised
+    values and 1/std. With g' = g [x_hat > 0] the gradient is
+    (g' - mean(g') - x_hat mean(g' x_hat)) / std."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
-        n = x[0, 0].numel()
-        mean = _sum_over_voxels(_voxels_by_channels(x)) / n
-        x_hat = x - _per_channel(mean, x.dtype)
-        rstd = torch.rsqrt(_sum_over_voxels(_voxels_by_channels(x_hat), squares=True) / n + eps).to(x.dtype)
-        x_hat.mul_(_per_channel(rstd, x.dtype))
+        x_hat, rstd = _normalise_by_blocks(x, eps, in_place=False)
+        rstd = rstd.to(x.dtype)
         ctx.save_for_backward(x_hat, rstd)
         return x_hat.relu()
 
