@@ -54,7 +54,9 @@ def measure(args) -> dict:
     from models import build_model
     from utils.config import ModelConfig
 
-    from engine.runtime import limit_heap_retention
+    from engine.runtime import limit_heap_retention, prefer_huge_pages
+    if not args.small_pages:
+        prefer_huge_pages()               # as Infer_*.py and register.py do, before the first tensor
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if not args.plain_heap:
@@ -159,6 +161,8 @@ def main(argv=None):
                    help="also profile one pass and print the N operators with the most time")
     p.add_argument("--no-flops", dest="flops", action="store_false")
     p.add_argument("--plain-heap", action="store_true", help="leave glibc's malloc settings alone")
+    p.add_argument("--small-pages", action="store_true",
+                   help="do not ask for transparent huge pages (engine.runtime.prefer_huge_pages)")
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     p.add_argument("--label", default="", help="heading for RESULTS.md")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -181,7 +185,8 @@ def main(argv=None):
             child = ["--size", size, "--device", args.device, "--threads", str(args.threads), "--runs", str(args.runs),
                      "--warmup", str(args.warmup), "--window", *map(str, args.window), "--widths", *map(str, args.widths)]
             child += (["--amp"] if amp else []) + ([] if args.flops else ["--no-flops"]) \
-                + (["--plain-heap"] if args.plain_heap else []) + (["--compiled"] if compiled else []) + (["--plain"] if plain else []) \
+                + (["--plain-heap"] if args.plain_heap else []) + (["--small-pages"] if args.small_pages else []) \
+                + (["--compiled"] if compiled else []) + (["--plain"] if plain else []) \
                 + (["--compat"] if compat else []) + (["--profile", str(args.profile)] if args.profile else [])
             rows.append(measure_in_child(__file__, child, size))
             print(format_table(rows[-1:]).splitlines()[-1], flush=True)

@@ -27,7 +27,9 @@ def measure(args) -> dict:
     """In the child: one network, one size."""
     import torch
 
-    from engine.runtime import amp_dtype, autocast
+    from engine.runtime import amp_dtype, autocast, prefer_huge_pages
+    if args.which == "ours":
+        prefer_huge_pages()           # as Infer_*.py and register.py do, before the first tensor
     torch.set_num_threads(args.threads)
     size = tuple(args.size)
     g = torch.Generator().manual_seed(0)

@@ -16,7 +16,7 @@ from utils.config import RunConfig
 from utils.io import DataError
 
 from .assembly import assemble_run, checkpoint_dir, default_checkpoint
-from .runtime import progress_setting
+from .runtime import prefer_huge_pages, progress_setting
 
 EXIT_BAD_INPUT = 2
 # --freeze choice -> ModelConfig fields switched on
@@ -170,6 +170,7 @@ def train_main(dataset: str, argv=None) -> int:
 
 
 def infer_main(dataset: str, argv=None) -> int:
+    prefer_huge_pages()           # before the first tensor: PyTorch reads the setting once
     args, run = _parse(dataset, argv, training=False)
     if args is None:
         return run

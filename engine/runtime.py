@@ -77,6 +77,8 @@ def cpu_features() -> set[str]:
 def provenance(device=None) -> dict:
     """What every result file records about its run: command, package versions, CPU, device."""
     out = {"command": command_line(), "versions": package_versions(), "cpu": cpu_name()}
+    if _huge_pages is not None:
+        out["huge_pages"] = _huge_pages
     if device is not None:
         out["device"] = str(device)
         if torch.device(device).type == "cuda" and torch.cuda.is_available():
@@ -212,6 +214,62 @@ def limit_heap_retention(threshold_bytes: int = 1 << 20) -> bool:
     glibc is not the C library.
     """
     return _mallopt((_M_MMAP_THRESHOLD, threshold_bytes), (_M_TRIM_THRESHOLD, _GLIBC_TRIM_DEFAULT))
+
+
+_THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def transparent_huge_page_mode() -> str:
+    """The kernel's transparent huge page mode ('always', 'madvise' or 'never'); '' where unknown."""
+    try:
+        with open(_THP_MODE_FILE) as fh:
+            text = fh.read()
+    except OSError:
+        return ""
+    start, end = text.find("["), text.find("]")
+    return text[start + 1:end] if 0 <= start < end else ""
+
+
+def _anon_huge_kib() -> int | None:
+    try:
+        with open("/proc/self/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def prefer_huge_pages() -> bool:
+    """Back large CPU tensors with transparent huge pages (PyTorch's ``THP_MEM_ALLOC_ENABLE``), for inference.
+
+    Inference makes a few dozen fresh full-size maps per pair, and with 4 KiB pages each costs
+    one page fault per 4 KiB (about a million per full-size OASIS pair on two threads); 2 MiB
+    pages cut the faults about 15-fold and the time per pair by 0.9-2.5 s (8.8-10.0 s -> 6.3-8.6 s,
+    side by side, bf16), peak memory unchanged. PyTorch reads the setting once, at the process's
+    first CPU allocation, so call this before any tensor is made; an explicit
+    ``THP_MEM_ALLOC_ENABLE`` in the environment is left as set. Not for training (its steps
+    reuse memory from the heap instead: :func:`reuse_heap_memory`).
+
+    Returns whether a probe tensor allocated afterwards lies in huge pages (False where the
+    kernel's mode is 'never', on systems without /proc, or when it came too late).
+    """
+    global _huge_pages
+    ours = "THP_MEM_ALLOC_ENABLE" not in os.environ
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    before = _anon_huge_kib()
+    _huge_pages = False
+    if before is not None and transparent_huge_page_mode() not in ("", "never"):
+        probe = torch.ones(8 << 20, dtype=torch.uint8)          # 8 MiB: at least one whole aligned 2 MiB page
+        after = _anon_huge_kib()                                # (read while the probe is held)
+        _huge_pages = after is not None and after - before >= 2048 and probe.numel() > 0
+    if ours and not _huge_pages:
+        del os.environ["THP_MEM_ALLOC_ENABLE"]      # no effect here: not handed on to child processes either
+    return _huge_pages
+
+
+_huge_pages: bool | None = None
 
 
 def reuse_heap_memory(limit_bytes: int = 1 << 30) -> bool:
