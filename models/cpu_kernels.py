@@ -288,26 +288,6 @@ def instance_norm_relu_channels_last(x: torch.Tensor, eps: float = 1e-5) -> torc
     return torch.cat([F.batch_norm(sample, None, None, training=True, eps=eps) for sample in x.split(1)]).relu_()
 
 
-class _FloatWithChannelsLastGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.dtype = x.dtype
-        return x.float() if x.dtype != torch.float32 else x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.to(dtype=ctx.dtype, memory_format=torch.channels_last_3d)
-
-
-def float_with_channels_last_grad(x: torch.Tensor) -> torch.Tensor:
-    """``x.float()`` whose gradient comes back channels-last, in ``x``'s dtype, in one copy.
-
-    For channels-last features sampled by ``grid_sample`` during training: its gradient for the
-    features is answered in the default layout, and meeting the channels-last gradients of the
-    features' other uses it would turn every sum and ReLU backward after it into a strided pass."""
-    return _FloatWithChannelsLastGrad.apply(x)
-
-
 _GATHER_CHUNK = 1 << 16     # output voxels per chunk of warp_by_gather (whole slices along D)
 
 
@@ -389,3 +369,62 @@ def warp_by_gather(features: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
                 weights.t().copy_(corner_w)
             rows[d0 * hw:d1 * hw] = F.embedding_bag(index, table, per_sample_weights=weights, mode="sum")
     return out.permute(0, 4, 1, 2, 3)
+
+
+def _grid_sample_backward_threaded(grad: torch.Tensor, features: torch.Tensor, grid: torch.Tensor,
+                                   mask: list[bool]):
+    """``aten.grid_sampler_3d_backward`` (trilinear, zero padding, aligned corners) on all threads.
+
+    PyTorch's CPU kernel shares out the batch, so a batch of one runs on one thread; here the
+    output slabs along D become a batch of ``t`` (the features broadcast, not copied), and the
+    ``t`` partial feature gradients are summed (at 80x96x80, 16 channels, two threads: 0.54x
+    the time). grad (1, C, D, H, W), features (1, C, d, h, w), grid (1, D, H, W, 3)."""
+    threads, depth = torch.get_num_threads(), grid.shape[1]
+    t = max(n for n in range(1, threads + 1) if depth % n == 0) if features.shape[0] == 1 else 1
+    if t == 1:
+        return torch.ops.aten.grid_sampler_3d_backward(grad, features, grid, 0, 0, True, mask)
+    grad_features, grad_grid = torch.ops.aten.grid_sampler_3d_backward(
+        torch.cat(grad.chunk(t, 2)), features.expand(t, -1, -1, -1, -1), torch.cat(grid.chunk(t, 1)), 0, 0, True, mask)
+    if grad_features is not None:
+        grad_features = grad_features.sum(0, keepdim=True)
+    if grad_grid is not None:
+        grad_grid = torch.cat(grad_grid.unbind(0)).unsqueeze(0)
+    return grad_features, grad_grid
+
+
+class _GatherWarpFloat32(torch.autograd.Function):
+    """Forward: ``warp_by_gather`` of the features in float32. Backward: PyTorch's
+    ``grid_sampler_3d`` backward (the same trilinear function) on all threads, the features'
+    gradient returned channels-last in their dtype. Saves only the features and the
+    displacement, which their other uses hold anyway, not the float32 copy and grid
+    ``grid_sample`` saves."""
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(features, u)
+        return warp_by_gather(features.float(), u)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        from utils.spatial import displacement_to_grid
+        features, u = ctx.saved_tensors
+        wants_features, wants_u = ctx.needs_input_grad[:2]
+        with torch.enable_grad():
+            u_ = u.detach().requires_grad_(wants_u)
+            grid = displacement_to_grid(u_)
+        grad_features, grad_grid = _grid_sample_backward_threaded(grad, features.float(), grid.detach(),
+                                                                  [wants_features, wants_u])
+        grad_u = torch.autograd.grad(grid, u_, grad_grid)[0] if wants_u else None
+        if wants_features:
+            grad_features = grad_features.to(dtype=features.dtype, memory_format=torch.channels_last_3d)
+        return grad_features, grad_u
+
+
+def warp_by_gather_with_grad(features: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``utils.spatial.warp(features, u)`` for CPU training: float32 output (as autocast's
+    ``grid_sample`` gives), computed by ``warp_by_gather`` (3x faster than ``grid_sample`` on 16
+    channels) and differentiable in both arguments, the features' gradient channels-last.
+
+    features: (B, C, D, H, W) float32 or bf16 (channels-last for speed); u: (B, 3, D, H, W)
+    float32 displacement in voxels. Returns (B, C, D, H, W) float32, channels-last."""
+    return _GatherWarpFloat32.apply(features, u)

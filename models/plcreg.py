@@ -25,8 +25,8 @@ from utils.spatial import (SpatialTransformer, compose, integrate_velocity, rele
                            upsample_displacement_released)
 
 from .blocks import DoubleConv, FlowHead, UpConv
-from .cpu_kernels import (autocast_dtype, avg_pool2_channels_last, channels_last, float_with_channels_last_grad,
-                          is_channels_last, warp_by_gather)
+from .cpu_kernels import (autocast_dtype, avg_pool2_channels_last, channels_last, is_channels_last, warp_by_gather,
+                          warp_by_gather_with_grad)
 from .polaca import PoLaCA
 from .registry import register_model
 
@@ -245,13 +245,15 @@ class PLCReg(nn.Module):
         """A level's moving features warped by the field from the coarser level. CPU inference
         gathers rows of the channels-last features (``warp_by_gather``: same values, several
         times faster than ``grid_sample`` and no float32 copy of bf16 features). CPU training
-        samples float32 (as autocast would) and takes the features' gradient back channels-last."""
-        if (not torch.is_grad_enabled() and features.device.type == "cpu" and phi.dtype == torch.float32
-                and features.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling()):
+        gathers too, in float32 (as autocast's ``grid_sample`` would), with ``grid_sample``'s
+        backward and the features' gradient back channels-last (``warp_by_gather_with_grad``)."""
+        if (features.device.type != "cpu" or phi.dtype != torch.float32 or torch.compiler.is_compiling()
+                or features.dtype not in (torch.float32, torch.bfloat16)):
+            return self.transformer(features, phi)
+        if not torch.is_grad_enabled():
             return warp_by_gather(features, phi)
-        if (torch.is_grad_enabled() and features.device.type == "cpu" and is_channels_last(features)
-                and (features.dtype == torch.float32 or autocast_dtype("cpu") == features.dtype)):
-            features = float_with_channels_last_grad(features)
+        if is_channels_last(features) and (features.dtype == torch.float32 or autocast_dtype("cpu") == features.dtype):
+            return warp_by_gather_with_grad(features, phi)
         return self.transformer(features, phi)
 
     def _upsample(self, phi: torch.Tensor, size) -> torch.Tensor:

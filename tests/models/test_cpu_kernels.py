@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from scipy.ndimage import map_coordinates
 
 import models.cpu_kernels as cpu_kernels
-from models.cpu_kernels import (avg_pool2_channels_last, channels_last, float_with_channels_last_grad,
-                                instance_norm_relu_, instance_norm_relu_channels_last, onednn_conv3d,
-                                onednn_conv3d_bf16, warp_by_gather)
+from models.cpu_kernels import (avg_pool2_channels_last, channels_last, instance_norm_relu_,
+                                instance_norm_relu_channels_last, onednn_conv3d, onednn_conv3d_bf16, warp_by_gather,
+                                warp_by_gather_with_grad)
+from utils.spatial import warp
 
 CL = torch.channels_last_3d
 
@@ -106,16 +107,6 @@ def test_channels_last_pooling_gradient_matches_float64():
         assert torch.allclose(inp.grad.double(), ref_x.grad, atol=1e-6)
 
 
-def test_float_copy_returns_its_gradient_channels_last_in_the_input_dtype():
-    x = channels_last(torch.randn(1, 3, 4, 5, 6).bfloat16()).requires_grad_(True)
-    y = float_with_channels_last_grad(x)
-    assert y.dtype == torch.float32 and torch.equal(y, x.detach().float())
-    grad = torch.randn(1, 3, 4, 5, 6)                          # the default layout, as grid_sample answers
-    y.backward(grad)
-    assert x.grad.dtype == torch.bfloat16 and x.grad.is_contiguous(memory_format=CL)
-    assert torch.equal(x.grad, grad.bfloat16())
-
-
 def test_onednn_operator_passes_torch_opcheck():
     # schema, fake (shape-only) kernel, autograd registration: what torch.compile relies on
     torch.manual_seed(0)
@@ -204,6 +195,38 @@ def test_warp_by_gather_identity_and_translation():
         out = warp_by_gather(features, u)
     assert torch.equal(out[:, :, :, :4], features[:, :, :, 1:])
     assert torch.equal(out[:, :, :, 4], torch.zeros(1, 2, 4, 6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch, threads", [(2, 2), (1, 2), (1, 3)])
+def test_training_gather_warp_matches_grid_sample_in_float64_values_and_both_gradients(dtype, batch, threads):
+    """The training feature warp: float32 output, gradients for the features (channels-last, in
+    their dtype) and for the displacement, all against ``grid_sample``'s autograd in float64 of
+    the same (rounded) features; the field leaves the volume at its edges (zero padding). A batch
+    of one runs its backward as slabs along D, one per thread (6 slices: 2 or 3 slabs)."""
+    g = torch.Generator().manual_seed(5)
+    shape = (6, 7, 5)
+    features = torch.randn(batch, 4, *shape, generator=g).to(dtype)
+    u = torch.randn(batch, 3, *shape, generator=g) * 1.5
+    grad = torch.randn(batch, 4, *shape, generator=g)
+    x, uu = channels_last(features).requires_grad_(True), u.clone().requires_grad_(True)
+    out = warp_by_gather_with_grad(x, uu)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out.backward(grad)
+    finally:
+        torch.set_num_threads(before)
+    x64, u64 = features.double().requires_grad_(True), u.double().requires_grad_(True)
+    ref = warp(x64, u64)
+    ref.backward(grad.double())
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=CL)
+    assert (out.double() - ref).abs().max() < 1e-5
+    assert x.grad.dtype == dtype and x.grad.is_contiguous(memory_format=CL)
+    rel = 2.0 ** -8 if dtype == torch.bfloat16 else 1e-6         # the gradient's own rounding
+    assert ((x.grad.double() - x64.grad).abs() <= x64.grad.abs() * rel + 1e-5).all()
+    assert (uu.grad.double() - u64.grad).abs().max() < 1e-4 * u64.grad.abs().max()
+    assert u64.grad[:, 0].abs().max() > 0 and u64.grad[:, 2].abs().max() > 0     # every axis exercised
 
 
 @pytest.mark.parametrize("channels", [1, 3, 5])
