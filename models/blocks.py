@@ -9,8 +9,9 @@ import torch
 import torch.nn as nn
 
 from .cpu_kernels import (_HAS_FUSED_ADD, _onednn_applies, _onednn_supports, autocast_dtype, channels_last,
-                          cpu_bf16_autocast, instance_norm_relu_, instance_norm_relu_channels_last, is_channels_last,
-                          onednn_conv3d, onednn_conv3d_add_, onednn_conv3d_bf16)
+                          cpu_bf16_autocast, float32_conv3d_saving_input, instance_norm_relu_,
+                          instance_norm_relu_channels_last, is_channels_last, onednn_conv3d, onednn_conv3d_add_,
+                          onednn_conv3d_bf16)
 
 
 class Conv3d(nn.Conv3d):
@@ -177,6 +178,11 @@ class FlowHead(Conv3d):
             y = onednn_conv3d_bf16(x, self.weight, None, self.padding, self.stride, self.dilation, self.groups)
             return y.float().add_(self.bias.view(1, -1, 1, 1, 1))
         if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            if (torch.is_grad_enabled() and x.dtype in (torch.bfloat16, torch.float16) and self.weight.dtype == torch.float32
+                    and _onednn_supports(x, self.padding_mode, self.padding) and torch.backends.mkldnn.enabled
+                    and not torch.compiler.is_compiling()):
+                return float32_conv3d_saving_input(x, self.weight, self.bias, self.padding, self.stride, self.dilation,
+                                                   self.groups)
             with torch.autocast("cpu", enabled=False):
                 return super().forward(x.float())
         return super().forward(x)

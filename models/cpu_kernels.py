@@ -288,6 +288,37 @@ def instance_norm_relu_channels_last(x: torch.Tensor, eps: float = 1e-5) -> torc
     return torch.cat([F.batch_norm(sample, None, None, training=True, eps=eps) for sample in x.split(1)]).relu_()
 
 
+class _Float32ConvOfLowPrecision(torch.autograd.Function):
+    """A float32 convolution of a bf16/fp16 input that saves the input, not its float32 copy."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding, stride, dilation, groups):
+        ctx.save_for_backward(x, weight)
+        ctx.geometry, ctx.has_bias = (list(padding), list(stride), list(dilation), groups), bias is not None
+        with torch.autocast("cpu", enabled=False):
+            return torch.mkldnn_convolution(x.float(), weight, bias, padding, stride, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        padding, stride, dilation, groups = ctx.geometry
+        wants = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad, x.float(), weight, [weight.shape[0]], stride, padding, dilation, False, [0] * len(padding),
+            groups, wants)
+        return (grad_x.to(x.dtype) if grad_x is not None else None), grad_w, grad_b, None, None, None, None
+
+
+def float32_conv3d_saving_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding,
+                                stride, dilation, groups: int) -> torch.Tensor:
+    """``F.conv3d(x.float(), weight, bias, ...)`` through oneDNN for a bf16 (or fp16) ``x`` on the
+    CPU, whose backward makes the float32 copy again instead of keeping it: for the flow heads
+    under CPU autocast, which compute in float32 from the level's bf16 features (at full size
+    the two heads of level 1 kept 2 x 440 MB of float32 copies until their backward). The
+    input's gradient comes back in its dtype. x: (B, C_in, D, H, W); float32 weight and bias."""
+    return _Float32ConvOfLowPrecision.apply(x, weight, bias, padding, stride, dilation, groups)
+
+
 _GATHER_CHUNK = 1 << 16     # output voxels per chunk of warp_by_gather (whole slices along D)
 
 

@@ -23,6 +23,38 @@ def test_conv3d_matches_native_kernel_forward_and_backward():
     assert torch.allclose(gw.double(), conv.weight.grad.double(), atol=1e-4)
 
 
+def test_flow_head_under_cpu_bf16_autocast_trains_in_float32_and_keeps_no_float32_copy():
+    """The flow head computes in float32 from bf16 features: output and the gradients of input,
+    weight and bias against float64 of the same (rounded) input; what autograd saves is the bf16
+    input itself, no float32 copy of it."""
+    g = torch.Generator().manual_seed(2)
+    head = FlowHead(6)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=g))
+        head.bias.copy_(torch.randn(3, generator=g))
+    x = torch.randn(2, 6, 7, 8, 9, generator=g).bfloat16().contiguous(memory_format=torch.channels_last_3d)
+    x.requires_grad_(True)
+    saved = []
+
+    def keep(t):
+        saved.append((t.dtype, tuple(t.shape)))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = head(x)
+    assert (torch.float32, tuple(x.shape)) not in saved and (torch.bfloat16, tuple(x.shape)) in saved
+    grad = torch.randn(y.shape, generator=g)
+    y.backward(grad)
+    x64 = x.detach().double().requires_grad_(True)
+    w64, b64 = head.weight.detach().double().requires_grad_(True), head.bias.detach().double().requires_grad_(True)
+    ref = F.conv3d(x64, w64, b64, padding=1)
+    ref.backward(grad.double())
+    assert y.dtype == torch.float32 and (y.double() - ref).abs().max() < 1e-4
+    assert x.grad.dtype == torch.bfloat16 and x.grad.is_contiguous(memory_format=torch.channels_last_3d)
+    assert ((x.grad.double() - x64.grad).abs() <= x64.grad.abs() * 2.0 ** -8 + 1e-4).all()
+    assert (head.weight.grad.double() - w64.grad).abs().max() < 1e-4 * w64.grad.abs().max()
+    assert (head.bias.grad.double() - b64.grad).abs().max() < 1e-4 * b64.grad.abs().max()
+
+
 def test_flow_head_starts_near_zero():
     head = FlowHead(16)
     assert head.weight.std().item() < 1e-4 and torch.all(head.bias == 0)
