@@ -245,9 +245,10 @@ def prefer_huge_pages() -> bool:
     """Back large CPU tensors with transparent huge pages (PyTorch's ``THP_MEM_ALLOC_ENABLE``), for inference.
 
     Inference makes a few dozen fresh full-size maps per pair, and with 4 KiB pages each costs
-    one page fault per 4 KiB (about a million per full-size OASIS pair on two threads); 2 MiB
-    pages cut the faults about 15-fold and the time per pair by 0.9-2.5 s (8.8-10.0 s -> 6.3-8.6 s,
-    side by side, bf16), peak memory unchanged. PyTorch reads the setting once, at the process's
+    one page fault per 4 KiB (about a million per full-size OASIS pair); with 2 MiB pages a bf16
+    pair faulted about 8x less and took 0.75-0.98x the time in six of seven side-by-side process
+    pairs on two threads (1.21x in one), peak memory unchanged; the kernel still zeroes every fresh
+    page (most of the system time left). PyTorch reads the setting once, at the process's
     first CPU allocation, so call this before any tensor is made; an explicit
     ``THP_MEM_ALLOC_ENABLE`` in the environment is left as set. Not for training (its steps
     reuse memory from the heap instead: :func:`reuse_heap_memory`).

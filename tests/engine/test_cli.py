@@ -48,6 +48,7 @@ def test_train_then_infer_scripts(dataset, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["label_interpolation"] == "nearest" and summary["summary"]["n_cases"] == 2
     assert "torch" in summary["versions"] and "Infer_" in summary["command"]
+    assert isinstance(summary["huge_pages"], bool)       # the script asked for them before its first tensor
     # NIfTI outputs carry the fixed image's affine (identity for the pickled IXI set)
     fixed_path = rows[0]["fixed"]
     fixed_affine = nib.load(fixed_path).affine if fixed_path.endswith(".nii.gz") else np.eye(4)
