@@ -262,9 +262,10 @@ def prefer_huge_pages() -> bool:
     before = _anon_huge_kib()
     _huge_pages = False
     if before is not None and transparent_huge_page_mode() not in ("", "never"):
-        probe = torch.ones(8 << 20, dtype=torch.uint8)          # 8 MiB: at least one whole aligned 2 MiB page
-        after = _anon_huge_kib()                                # (read while the probe is held)
-        _huge_pages = after is not None and after - before >= 2048 and probe.numel() > 0
+        probe = torch.empty(8 << 20, dtype=torch.uint8)         # 8 MiB: at least one whole aligned 2 MiB page
+        probe.fill_(1)                                          # touched, so its pages exist
+        after = _anon_huge_kib()
+        _huge_pages = after is not None and after - before >= 2048
     if ours and not _huge_pages:
         del os.environ["THP_MEM_ALLOC_ENABLE"]      # no effect here: not handed on to child processes either
     return _huge_pages

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from utils.spatial import displacement_to_grid
+
 
 def is_channels_last(x: torch.Tensor) -> bool:
     """Whether (B, C, D, H, W) ``x`` is laid out channels-last and not also in the default order."""
@@ -437,7 +439,6 @@ class _GatherWarpFloat32(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        from utils.spatial import displacement_to_grid
         features, u = ctx.saved_tensors
         wants_features, wants_u = ctx.needs_input_grad[:2]
         with torch.enable_grad():
