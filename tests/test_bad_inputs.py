@@ -12,8 +12,6 @@ import os
 import pickle
 import shutil
 import socket
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import pytest
 import torch
 
 from models import build_model, save_model
+from tests.forked_scripts import run_script
 from tests.layouts import AFFINE, quick_overrides, write_ixi, write_oasis
 from utils.config import RunConfig, apply_override
 from utils.datasets import discover
@@ -174,8 +173,7 @@ CASES = [
 
 
 def _run(argv, cwd):
-    return subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], cwd=cwd, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return run_script(argv[0], argv[1:], cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def test_every_bad_input_stops_cleanly_and_loses_nothing(world, tmp_path):

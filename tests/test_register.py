@@ -1,7 +1,5 @@
 """register.py on own NIfTI files: odd sizes, non-identity affines, other grids, CSV of pairs, errors."""
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -11,6 +9,7 @@ from scipy import ndimage
 
 import register
 from models import build_model, save_model
+from tests.forked_scripts import run_script
 from tests.helpers import blob_labels
 from utils.config import ModelConfig
 
@@ -113,7 +112,6 @@ def test_bad_input_names_the_problem(files, tmp_path, problem):
         args, expected = ["--pairs", str(table), "--io-steps", "1"], "bad.csv: missing column"
     else:
         args, expected = ["--moving", files["moving"], "--fixed", files["fixed"]], "io-steps"
-    res = subprocess.run([sys.executable, str(ROOT / "register.py"), *args, "--checkpoint", "none",
-                          "--out-dir", str(tmp_path / "o"), "--no-progress"], capture_output=True, text=True,
-                         cwd=ROOT, timeout=300)
+    res = run_script("register.py", [*args, "--checkpoint", "none", "--out-dir", str(tmp_path / "o"), "--no-progress"],
+                     cwd=ROOT)
     assert res.returncode == 2 and expected in res.stderr and "Traceback" not in res.stderr

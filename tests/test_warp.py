@@ -1,7 +1,5 @@
 """register.py's transform outputs used by other programs: SimpleITK, the Learn2Reg warping
 (numpy) and warp.py reproduce register.py's own warped outputs; warp.py's errors."""
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -11,6 +9,7 @@ from scipy import ndimage
 
 import register
 import warp
+from tests.forked_scripts import run_script
 from tests.helpers import blob_labels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,9 +127,8 @@ def test_warp_py_inverse_brings_the_fixed_image_onto_the_moving_grid(result, tmp
 def test_warp_py_bad_input(result, tmp_path, extra, expected):
     values = {"field": result["out"] / f"{CASE}_displacement.nii.gz", "dir": result["dir"], "fixed": result["fixed"]}
     args = [a.format(**values) for a in extra]
-    res = subprocess.run([sys.executable, str(ROOT / "warp.py"), "--input", result["moving"], "--reference",
-                          result["fixed"], "--out", str(tmp_path / "o.nii.gz"), *args], capture_output=True,
-                         text=True, cwd=ROOT, timeout=300)
+    res = run_script("warp.py", ["--input", result["moving"], "--reference", result["fixed"], "--out",
+                                 str(tmp_path / "o.nii.gz"), *args], cwd=ROOT)
     assert res.returncode == 2 and expected in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "o.nii.gz").exists()
 

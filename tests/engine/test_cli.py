@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from engine.cli import infer_main, train_main
+from tests.forked_scripts import run_script
 from tests.layouts import WRITERS, quick_overrides, write_oasis
 from utils.checkpoint import read_checkpoint
 
@@ -23,8 +24,7 @@ def _sets(dataset):
 
 
 def _script(name, *args):
-    return subprocess.run([sys.executable, str(ROOT / name), *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=600)
+    return run_script(name, list(args), cwd=ROOT, timeout=600)
 
 
 @pytest.mark.parametrize("dataset", sorted(WRITERS))

@@ -1,6 +1,5 @@
 """compare.py: several methods on the same pairs, tables, per-case CSVs, p-values, skips."""
 import csv
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from scipy import stats
 import compare as compare_script
 from engine.compare import parse_method
 from engine.train import Trainer
+from tests.forked_scripts import run_script
 from tests.layouts import quick_overrides, write_oasis
 from utils.config import ModelConfig, apply_override, preset
 from utils.checkpoint import save_checkpoint
@@ -96,6 +96,5 @@ def test_bad_method_specs_are_refused(text):
 
 
 def test_bad_method_on_the_command_line_exits_2(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "compare.py"), "--method", "X=magic"], capture_output=True,
-                       text=True, cwd=ROOT, timeout=300)
+    r = run_script("compare.py", ["--method", "X=magic"], cwd=ROOT)
     assert r.returncode == 2 and "unknown kind 'magic'" in r.stderr and "Traceback" not in r.stderr
