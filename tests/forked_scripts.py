@@ -5,8 +5,9 @@ A fork server started once imports torch and the engine; every run is a new proc
 from it that runs the script as ``__main__`` with the given arguments, working folder and
 environment, its standard output and error in files. The exit status is the script's (the
 code of its ``SystemExit``; 1 with a printed traceback for an uncaught exception), as for
-``python script.py``. The server never runs a tensor operation, so a forked child starts its
-thread pools afresh.
+``python script.py``. The server only imports (no parallel region has run in it), so a forked
+child starts its thread pools afresh, and PyTorch's allocator has not been used yet (a script
+that switches on huge pages before its first tensor still gets them).
 """
 from __future__ import annotations
 
