@@ -284,6 +284,27 @@ def test_inference_path_matches_the_autograd_path(chunk, monkeypatch):
     assert (fast - plain).abs().max().item() < 1e-4
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_gives_the_cpu_field():
+    """On a GPU (cuDNN convolutions, CUDA sampling and attention, TF32 off) the network gives
+    the field of the CPU's autograd path and of its inference path, on a pair of odd size."""
+    model, moving, fixed, plain = _model_pair_and_plain_field()
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        model.cuda()
+        with torch.inference_mode():
+            fast = model(moving.cuda(), fixed.cuda()).cpu()
+        with torch.enable_grad():
+            autograd = model(moving.cuda(), fixed.cuda()).detach().cpu()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        model.cpu()
+    assert plain.abs().max().item() > 1.0
+    assert (fast - plain).abs().max().item() < 1e-3
+    assert (autograd - plain).abs().max().item() < 1e-3
+
+
 def test_compiled_network_matches_the_plain_path():
     """torch.compile (engine.runtime.compile_model) traces the inference path as one graph,
     convolutions kept as oneDNN calls, and gives the autograd path's field (|du| < 1e-4).
