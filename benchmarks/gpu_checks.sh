@@ -11,9 +11,10 @@
 #
 #     bash benchmarks/gpu_checks.sh [OUTPUT_FOLDER]
 set -uo pipefail
-cd "$(dirname "$0")/.."
 out=${1:-gpu_checks}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 python3 -c "import sys, torch
 if not torch.cuda.is_available():
