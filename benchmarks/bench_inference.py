@@ -19,7 +19,9 @@ InstanceNorm+ReLU, attention over the whole volume at once; run with gradients e
 but no parameter requiring one, so no graph is recorded. Same weights, same field: the
 ratio to the default (optimised) row is the gain of the inference path, in one run.
 With ``--profile N`` each row also runs one pass under the PyTorch profiler and prints the N
-operators that take the most time (grouped by input shapes), for finding the next bottleneck.
+operators that take the most time (grouped by input shapes), for finding the next bottleneck,
+and the pass's time by the grid each operator works on (full size, half size, smaller, or no
+volume input such as gathers and linear layers).
 With ``--released-compat`` each size is also measured with ``model.released_compat`` on (the
 released code's function, for its converted weights), beside the default network.
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -86,7 +89,8 @@ def measure(args) -> dict:
         return u
 
     m = time_and_peak(run, args.warmup, args.runs, device)
-    top_ops = profile_ops(run, args.profile) if args.profile else []
+    from models.plcreg import padded_size
+    top_ops, by_size = profile_ops(run, args.profile, math.prod(padded_size(size))) if args.profile else ([], [])
     gmacs = float("nan")
     if args.flops:
         # counted on the meta device: shapes only, no memory, and every conv goes through
@@ -103,7 +107,7 @@ def measure(args) -> dict:
             "first_call_s": m["first_s"] if args.compiled else float("nan"), "params_M": params / 1e6,
             "gmacs": gmacs, "median_s": statistics.median(m["times"]), "min_s": min(m["times"]),
             "peak_mib": m["peak_mib"],
-            "runs": args.runs, "profile": top_ops}
+            "runs": args.runs, "profile": top_ops, "by_size": by_size}
 
 
 def _shapes_text(shapes) -> str:
@@ -112,24 +116,52 @@ def _shapes_text(shapes) -> str:
     return ", ".join("x".join(map(str, s)) for s in tensors[:2])
 
 
-def profile_ops(run, top: int) -> list[dict]:
+_SIZE_CLASSES = ("full size", "half size", "smaller", "no volume input")
+
+
+def _size_class(shapes, voxels: int) -> str:
+    """Which grid an operator works on: that of its largest (B, C, D, H, W) input, as full size,
+    half size (8x fewer voxels), smaller, or none (rows and tokens: gathers, linear layers)."""
+    volumes = [math.prod(s[2:]) for s in shapes
+               if isinstance(s, (list, tuple)) and len(s) == 5 and all(isinstance(v, int) for v in s)]
+    if not volumes:
+        return _SIZE_CLASSES[3]
+    halvings = math.log2(voxels / max(volumes)) / 3
+    return _SIZE_CLASSES[0] if halvings < 0.5 else _SIZE_CLASSES[1] if halvings < 1.5 else _SIZE_CLASSES[2]
+
+
+def profile_ops(run, top: int, voxels: int) -> tuple[list[dict], list[dict]]:
     """One more pass under the PyTorch profiler: the ``top`` operators (by input shapes) with the
-    most CPU time of their own, each with its share of the pass's total."""
+    most CPU time of their own, each with its share of the pass's total; and that time by the
+    grid each operator works on (:func:`_size_class`; ``voxels`` = the network's full grid),
+    with the three heaviest operators of each."""
     from torch.profiler import profile
     with profile(record_shapes=True) as prof:
         run()
     events = prof.key_averages(group_by_input_shape=True)
     total = sum(e.self_cpu_time_total for e in events) or 1.0
+    classes = {name: {} for name in _SIZE_CLASSES}
+    for e in events:
+        ops = classes[_size_class(e.input_shapes, voxels)]
+        ops[e.key] = ops.get(e.key, 0.0) + e.self_cpu_time_total
+    by_size = [{"inputs": name, "self_s": sum(ops.values()) / 1e6, "share": sum(ops.values()) / total,
+                "heaviest": [(op, t / 1e6) for op, t in sorted(ops.items(), key=lambda kv: -kv[1])[:3]]}
+               for name, ops in classes.items() if ops]
     events = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
     return [{"op": e.key, "shapes": _shapes_text(e.input_shapes), "calls": e.count,
-             "self_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / total} for e in events]
+             "self_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / total} for e in events], by_size
 
 
 def format_profile(row: dict) -> str:
     head = (f"Where the time goes: {row['size']}, {row['amp']} (one pass under the profiler, CPU time of each "
             "operator itself)\n\n| operator | inputs | calls | s | share |\n|---|---|---|---|---|")
-    return "\n".join([head] + [f"| {o['op']} | {o['shapes']} | {o['calls']} | {o['self_s']:.3f} | {100 * o['share']:.1f} % |"
-                               for o in row["profile"]])
+    table = "\n".join([head] + [f"| {o['op']} | {o['shapes']} | {o['calls']} | {o['self_s']:.3f} | "
+                                f"{100 * o['share']:.1f} % |" for o in row["profile"]])
+    sizes = ("By grid (each operator at its largest (B, C, D, H, W) input; the same pass)\n\n"
+             "| grid | s | share | heaviest operators (s) |\n|---|---|---|---|\n"
+             + "\n".join(f"| {c['inputs']} | {c['self_s']:.3f} | {100 * c['share']:.1f} % | "
+                         + ", ".join(f"{op} {t:.3f}" for op, t in c["heaviest"]) + " |" for c in row["by_size"]))
+    return f"{table}\n\n{sizes}"
 
 
 def format_table(rows: list[dict]) -> str:

@@ -44,10 +44,16 @@ def test_bench_inference_profile_lists_the_heaviest_operators():
                           "--runs", "1", "--warmup", "0", "--widths", "8", "16", "16", "32", "32", "--window", "2", "2",
                           "2", "--no-flops", "--profile", "4"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr
-    section = out.stdout.split("Where the time goes: 32x32x32, fp32")[1]
+    section, by_grid = out.stdout.split("Where the time goes: 32x32x32, fp32")[1].split("By grid")
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
             if line.startswith("| ") and not line.startswith("| operator")]
     assert len(rows) == 4
+    # every operator's time counted once, under the grid of its largest volume input
+    grids = {r[0]: r for r in ([c.strip() for c in line.strip("|").split("|")] for line in by_grid.splitlines()
+                               if line.startswith("| ") and not line.startswith("| grid"))}
+    assert set(grids) <= {"full size", "half size", "smaller", "no volume input"} and "full size" in grids
+    assert abs(sum(float(r[2].rstrip(" %")) for r in grids.values()) - 100.0) < 0.3
+    assert "convolution" in grids["full size"][3]
     seconds = [float(r[3]) for r in rows]
     assert seconds == sorted(seconds, reverse=True)                    # heaviest first
     assert sum(float(r[4].rstrip(" %")) for r in rows) <= 100.0
