@@ -25,10 +25,14 @@ class Conv3d(nn.Conv3d):
     ``torch.compile`` the call goes through the :func:`onednn_conv3d` operator.
     """
 
+    def _eager_onednn(self, x: torch.Tensor) -> bool:
+        """Whether this CPU input can go to oneDNN directly, outside ``torch.compile`` tracing."""
+        return (_onednn_supports(x, self.padding_mode, self.padding) and torch.backends.mkldnn.enabled
+                and not torch.compiler.is_compiling())
+
     def _bf16_inference(self, x: torch.Tensor) -> bool:
         """The eager bf16 oneDNN path (under ``torch.compile`` autocast's convolution is traced instead)."""
-        return (_onednn_supports(x, self.padding_mode, self.padding) and not torch.is_grad_enabled()
-                and cpu_bf16_autocast() and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling())
+        return not torch.is_grad_enabled() and cpu_bf16_autocast() and self._eager_onednn(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with(x, self.weight, self.bias)
@@ -178,9 +182,8 @@ class FlowHead(Conv3d):
             y = onednn_conv3d_bf16(x, self.weight, None, self.padding, self.stride, self.dilation, self.groups)
             return y.float().add_(self.bias.view(1, -1, 1, 1, 1))
         if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            if (torch.is_grad_enabled() and x.dtype in (torch.bfloat16, torch.float16) and self.weight.dtype == torch.float32
-                    and _onednn_supports(x, self.padding_mode, self.padding) and torch.backends.mkldnn.enabled
-                    and not torch.compiler.is_compiling()):
+            if (torch.is_grad_enabled() and x.dtype in (torch.bfloat16, torch.float16)
+                    and self.weight.dtype == torch.float32 and self._eager_onednn(x)):
                 return float32_conv3d_saving_input(x, self.weight, self.bias, self.padding, self.stride, self.dilation,
                                                    self.groups)
             with torch.autocast("cpu", enabled=False):
