@@ -68,12 +68,15 @@ def window_reverse_released(windows: torch.Tensor, window: Sequence[int], size: 
 # ---------------------------------------------------------------------------
 # attention inside windows
 # ---------------------------------------------------------------------------
-def polarity_split(x: torch.Tensor, p: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def polarity_split(x: torch.Tensor, p: torch.Tensor, out: torch.Tensor | None = None,
+                   work: torch.Tensor | None = None) -> torch.Tensor:
     """``[ReLU(x)**p, ReLU(-x)**p]`` along the last axis: (..., d) -> (..., 2d).
 
     One power per element (``|x|**p``, then split by sign), not one per half. ``p`` (d,)
-    broadcasts over the leading axes. Without autograd the result is computed inside ``out``
-    (made if not given; its dtype may be wider than x's) with no other temporary.
+    broadcasts over the leading axes. Without autograd the powers are taken in ``work``
+    (x's shape, at least float32; made if not given) and written into ``out`` (made in x's
+    dtype if not given), whose dtype may differ from x's: a bf16 ``out`` holds float32 powers
+    rounded once.
     """
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         a = x.abs().pow(p)
@@ -81,10 +84,12 @@ def polarity_split(x: torch.Tensor, p: torch.Tensor, out: torch.Tensor | None = 
         return torch.cat([pos, a - pos], dim=-1)
     if out is None:
         out = x.new_empty((*x.shape[:-1], 2 * x.shape[-1]))
+    if work is None:
+        work = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, torch.float32))
     pos, neg = out.chunk(2, dim=-1)
-    neg.copy_(x).abs_().pow_(p)                  # |x|**p
-    torch.copysign(neg, x, out=pos).clamp_min_(0)
-    neg.sub_(pos)
+    signed = work.copy_(x).abs_().pow_(p).copysign_(x)        # sign(x) |x|**p
+    pos.copy_(signed).clamp_min_(0)            # rounding keeps the sign: clamped after it
+    neg.copy_(signed).clamp_max_(0).neg_()
     return out
 
 
@@ -92,23 +97,21 @@ def stream_matrix(g: torch.Tensor, s: torch.Tensor, num_heads: int) -> torch.Ten
     """The two polarity streams of every head as one matrix on ``[q+ | q-]`` (see
     :func:`polarity_streams`).
 
-    g: ``[k+ | k-]^T v / N`` (B', 2d, d); s: ``mean [k+ | k-]`` (B', 2d) ->
-    (B', 2d, d + 2h): value columns, then the same-sign and the opposite-sign normalisers
-    of each head. Entries between different heads are zero. The first half of each head's
-    value channels reads ``[q+, q-]`` against ``[k+, k-]`` (agreement), the second half
-    ``[q-, q+]`` (disagreement), which is the same product with the key signs swapped.
+    g: ``[k+ | k-]^T v / N`` (B', 2d, d); s: ``mean [k+ | k-]`` (B', 2d) -> (B', 2d, 2d):
+    value columns, then each value channel's normaliser column. Entries between different
+    heads are zero. The first half of each head's value channels reads ``[q+, q-]`` against
+    ``[k+, k-]`` (agreement), the second half ``[q-, q+]`` (disagreement), which is the same
+    product with the key signs swapped; so do their normalisers.
     """
     b, two_d, d = g.shape
     hd = d // num_heads
     head = torch.arange(d, device=g.device) // hd
     same_head = (head.unsqueeze(1) == head.unsqueeze(0)).to(g.dtype)                  # (d, d)
     opposite_col = (torch.arange(d, device=g.device) % hd) >= hd // 2                 # (d,)
-    g = g.view(b, 2, d, d)
+    g, s = g.unflatten(1, (2, d)), s.unflatten(1, (2, d)).unsqueeze(-1)
     values = torch.where(opposite_col, g.flip(1), g) * same_head
-    member = (head.unsqueeze(1) == torch.arange(num_heads, device=g.device)).to(g.dtype)   # (d, h)
-    s = s.view(b, 2, d, 1)
-    norms = torch.cat([s * member, s.flip(1) * member], dim=-1)                       # (B', 2, d, 2h)
-    return torch.cat([values, norms], dim=-1).view(b, two_d, d + 2 * num_heads)
+    norms = torch.where(opposite_col, s.flip(1), s) * same_head
+    return torch.cat([values, norms], dim=-1).view(b, two_d, 2 * d)
 
 
 def polarity_streams(q2: torch.Tensor, k2: torch.Tensor, v: torch.Tensor, num_heads: int,
@@ -121,17 +124,22 @@ def polarity_streams(q2: torch.Tensor, k2: torch.Tensor, v: torch.Tensor, num_he
     ``[Q (K^T v1 / N) / (Q . mean K + eps), Q' (K^T v2 / N) / (Q' . mean K + eps)]``.
     The cheaper association (``K^T v`` first) costs O(N); gathering every head into one
     block-diagonal matrix (:func:`stream_matrix`) makes it two matrix products per window
-    instead of many tiny ones per head.
+    instead of many tiny ones per head, the second giving each channel's numerator and
+    denominator side by side.
     """
     n, d = k2.shape[-2], v.shape[-1]
-    g = torch.matmul(k2.transpose(-2, -1), v) / n
-    out = torch.matmul(q2, stream_matrix(g, k2.mean(dim=-2), num_heads))      # (B', N, d + 2h)
-    # channel c of head j: divided by column j (first half of the head) or h + j (second half)
-    hd = d // num_heads
-    channel = torch.arange(d, device=v.device)
-    column = (channel % hd >= hd // 2) * num_heads + channel // hd
-    norm = (out[..., d:] + eps).reciprocal_().index_select(-1, column)
-    return out[..., :d] * norm
+    # a column of ones after the values gives mean K in the same product
+    gs = torch.matmul(k2.transpose(-2, -1), torch.cat([v, v.new_ones((*v.shape[:-1], 1))], dim=-1)) / n
+    out = torch.matmul(q2, stream_matrix(gs[..., :d], gs[..., d], num_heads))      # (B', N, 2d)
+    return out[..., :d] / (out[..., d:] + eps)
+
+
+def polarity_product_dtype(core: torch.dtype, device_type: str) -> torch.dtype:
+    """dtype of the polarity core's matrix products: bf16 under bf16 autocast on ``device_type``
+    (its range is float32's, so the powers fit), else ``core`` (float16 autocast included)."""
+    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16:
+        return torch.bfloat16
+    return core
 
 
 def window_band(window: Sequence[int], kernel: int) -> torch.Tensor:
@@ -222,23 +230,27 @@ class PolarityAttention(nn.Module):
         k = F.linear(moving, weight[d:2 * d] / scale.unsqueeze(1))
         v, g = F.linear(moving, weight[2 * d:]).chunk(2, dim=-1)
 
-        # polarity core in at least float32: x**p with p up to 16 overflows half precision
+        # powers in at least float32; products in bf16 under bf16 autocast (float32's range),
+        # never in float16: x**p with p up to 16 overflows it
         core = torch.promote_types(q.dtype, torch.float32)
+        products = polarity_product_dtype(core, q.device.type)
         p = self.exponent().reshape(d).to(core)
         positional = (self.positional / scale).to(core)
         if scratch is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            q2 = polarity_split(q.to(core), p)
-            k2 = polarity_split(k.to(core) + positional, p)
+            q2 = polarity_split(q.to(core), p).to(products)
+            k2 = polarity_split(k.to(core) + positional, p).to(products)
         else:
             # buffers kept between chunks: a new tensor of a megabyte or more is fresh memory
             bw, n = q.shape[:2]
             if not scratch:
-                scratch["q2"], scratch["k2"] = (q.new_empty((bw, n, 2 * d), dtype=core) for _ in range(2))
-                scratch["k"] = q.new_empty((bw, n, d), dtype=core)
+                scratch["q2"], scratch["k2"] = (q.new_empty((bw, n, 2 * d), dtype=products) for _ in range(2))
+                scratch["k"], scratch["work"] = (q.new_empty((bw, n, d), dtype=core) for _ in range(2))
+            work = scratch["work"][:bw]
             k_core = torch.add(k, positional, out=scratch["k"][:bw])
-            q2 = polarity_split(q, p, out=scratch["q2"][:bw])
-            k2 = polarity_split(k_core, p, out=scratch["k2"][:bw])
-        x = polarity_streams(q2, k2, v.to(core), self.num_heads, self.eps).to(v.dtype)   # (B', N, d)
+            q2 = polarity_split(q, p, out=scratch["q2"][:bw], work=work)
+            k2 = polarity_split(k_core, p, out=scratch["k2"][:bw], work=work)
+        with torch.autocast(q.device.type, enabled=False):
+            x = polarity_streams(q2, k2, v.to(products), self.num_heads, self.eps).to(v.dtype)   # (B', N, d)
         del q2, k2
 
         v_sp = self._value_conv(v)

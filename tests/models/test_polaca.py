@@ -182,7 +182,8 @@ def test_head_split_validated(kwargs):
 
 def test_polarity_split_against_float64_powers_in_every_path():
     """``[ReLU(x)**p, ReLU(-x)**p]``: the autograd form, the inference form making its own
-    output, and the inference form writing bf16 or float32 input into a float32 buffer."""
+    output, and the inference form writing bf16 or float32 input into a float32 buffer, or
+    float32 powers into a bf16 buffer (rounded once: within bf16's relative precision)."""
     g = torch.Generator().manual_seed(4)
     x = torch.randn(3, 7, 6, generator=g)
     x[0, 0, :2] = 0.0                                               # zeros go to neither half
@@ -197,7 +198,31 @@ def test_polarity_split_against_float64_powers_in_every_path():
             own = polarity_split(given.float(), p)
             buffer = torch.full((3, 7, 12), float("nan"))
             into = polarity_split(given, p, out=buffer)
-        assert into.data_ptr() == buffer.data_ptr()
+            narrow = torch.full((3, 7, 12), float("nan"), dtype=torch.bfloat16)
+            work = torch.full((3, 7, 6), float("nan"))
+            rounded = polarity_split(given, p, out=narrow, work=work)
+        assert into.data_ptr() == buffer.data_ptr() and rounded.data_ptr() == narrow.data_ptr()
         for out in (autograd, own, into):
             assert out.dtype == torch.float32
             assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-30)
+        assert rounded.dtype == torch.bfloat16
+        assert torch.allclose(rounded.double(), ref, rtol=2 ** -8, atol=1e-30)
+        assert torch.equal(rounded == 0, ref == 0)
+
+
+def test_float16_autocast_keeps_the_polarity_products_finite():
+    """x**p with p near 16 passes float16's largest value (65504) for |x| > 2: under float16
+    autocast the polarity products run in float32, so the block stays finite and close to its
+    float32 output; under bf16 autocast (float32's range) they run in bf16."""
+    torch.manual_seed(2)
+    block = PoLaCA(dim=16, window=(5, 7, 6), num_heads=8)
+    with torch.no_grad():
+        block.attn.power.fill_(3.0)                                 # p = 1 + 15 sigmoid(3) ~ 15.3
+        block.attn.qkvg.weight.mul_(4.0)
+    moving, fixed = torch.randn(1, 16, 5, 7, 6), torch.randn(1, 16, 5, 7, 6)
+    reference = block(moving, fixed).detach()
+    for inference in (False, True):
+        with torch.inference_mode(inference), torch.autocast("cpu", dtype=torch.float16):
+            out = block(moving, fixed).float()
+        assert torch.isfinite(out).all()
+        assert (out - reference).abs().max() < 0.05
