@@ -13,6 +13,7 @@ linear attention over one half of the value channels.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -137,9 +138,18 @@ def polarity_streams(q2: torch.Tensor, k2: torch.Tensor, v: torch.Tensor, num_he
 def polarity_product_dtype(core: torch.dtype, device_type: str) -> torch.dtype:
     """dtype of the polarity core's matrix products: bf16 under bf16 autocast on ``device_type``
     (its range is float32's, so the powers fit), else ``core`` (float16 autocast included)."""
-    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16:
+    if (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+            and torch.get_autocast_dtype(device_type) == torch.bfloat16):
         return torch.bfloat16
     return core
+
+
+def autocast_off(device_type: str):
+    """A context without autocast on ``device_type`` (nothing to switch off on a device that
+    has none, such as "meta")."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def window_band(window: Sequence[int], kernel: int) -> torch.Tensor:
@@ -249,7 +259,7 @@ class PolarityAttention(nn.Module):
             k_core = torch.add(k, positional, out=scratch["k"][:bw])
             q2 = polarity_split(q, p, out=scratch["q2"][:bw], work=work)
             k2 = polarity_split(k_core, p, out=scratch["k2"][:bw], work=work)
-        with torch.autocast(q.device.type, enabled=False):
+        with autocast_off(q.device.type):
             x = polarity_streams(q2, k2, v.to(products), self.num_heads, self.eps).to(v.dtype)   # (B', N, d)
         del q2, k2
 

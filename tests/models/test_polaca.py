@@ -226,3 +226,11 @@ def test_float16_autocast_keeps_the_polarity_products_finite():
             out = block(moving, fixed).float()
         assert torch.isfinite(out).all()
         assert (out - reference).abs().max() < 0.05
+
+
+def test_polaca_runs_on_the_meta_device():
+    """Shapes only (the FLOP count of bench_inference.py): no autocast to query there."""
+    block = PoLaCA(dim=16, window=(2, 3, 2), num_heads=4).to("meta")
+    with torch.inference_mode():
+        out = block(torch.empty(1, 16, 3, 4, 5, device="meta"), torch.empty(1, 16, 3, 4, 5, device="meta"))
+    assert out.shape == (1, 16, 3, 4, 5) and out.device.type == "meta"
