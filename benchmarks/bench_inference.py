@@ -55,6 +55,7 @@ def measure(args) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from models import build_model
+    from models.plcreg import padded_size
     from utils.config import ModelConfig
 
     from engine.runtime import limit_heap_retention, prefer_huge_pages
@@ -89,7 +90,6 @@ def measure(args) -> dict:
         return u
 
     m = time_and_peak(run, args.warmup, args.runs, device)
-    from models.plcreg import padded_size
     top_ops, by_size = profile_ops(run, args.profile, math.prod(padded_size(size))) if args.profile else ([], [])
     gmacs = float("nan")
     if args.flops:

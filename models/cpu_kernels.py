@@ -47,18 +47,25 @@ def _onednn_conv3d_shape(x, weight, bias, padding, stride, dilation, groups):
     return x.new_empty((x.shape[0], weight.shape[0], *spatial)).contiguous(memory_format=torch.channels_last_3d)
 
 
+def _convolution_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, geometry,
+                          mask: list[bool]):
+    """Gradients (x, weight, bias) of a convolution (not transposed) with ``geometry`` = (padding,
+    stride, dilation, groups), each computed where ``mask`` asks for it (None otherwise)."""
+    padding, stride, dilation, groups = geometry
+    return torch.ops.aten.convolution_backward(grad, x, weight, [weight.shape[0]] if has_bias else None, stride,
+                                               padding, dilation, False, [0] * len(padding), groups, mask)
+
+
 def _onednn_conv3d_save(ctx, inputs, output):
     x, weight, bias, padding, stride, dilation, groups = inputs
     ctx.save_for_backward(x, weight)
-    ctx.geometry = (bias is not None, padding, stride, dilation, groups)
+    ctx.geometry, ctx.has_bias = (padding, stride, dilation, groups), bias is not None
 
 
 def _onednn_conv3d_backward(ctx, grad):
     x, weight = ctx.saved_tensors
-    has_bias, padding, stride, dilation, groups = ctx.geometry
-    gx, gw, gb = torch.ops.aten.convolution_backward(
-        grad, x, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation,
-        False, [0, 0, 0], groups, [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias])
+    gx, gw, gb = _convolution_backward(grad, x, weight, ctx.has_bias, ctx.geometry,
+                                       [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias])
     return gx, gw, gb, None, None, None, None
 
 
@@ -114,8 +121,10 @@ _HAS_ONEDNN = torch.backends.mkldnn.is_available()
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast computes convolutions in for ``device_type`` ("cpu", "cuda", ...); None
-    outside autocast."""
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    outside autocast and on devices that have none (such as "meta")."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 def cpu_bf16_autocast() -> bool:
@@ -311,11 +320,8 @@ class _Float32ConvOfLowPrecision(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        padding, stride, dilation, groups = ctx.geometry
         wants = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad, x.float(), weight, [weight.shape[0]], stride, padding, dilation, False, [0] * len(padding),
-            groups, wants)
+        grad_x, grad_w, grad_b = _convolution_backward(grad, x.float(), weight, ctx.has_bias, ctx.geometry, wants)
         return (grad_x.to(x.dtype) if grad_x is not None else None), grad_w, grad_b, None, None, None, None
 
 

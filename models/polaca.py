@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cpu_kernels import autocast_dtype
+
 
 # ---------------------------------------------------------------------------
 # windows
@@ -138,10 +140,7 @@ def polarity_streams(q2: torch.Tensor, k2: torch.Tensor, v: torch.Tensor, num_he
 def polarity_product_dtype(core: torch.dtype, device_type: str) -> torch.dtype:
     """dtype of the polarity core's matrix products: bf16 under bf16 autocast on ``device_type``
     (its range is float32's, so the powers fit), else ``core`` (float16 autocast included)."""
-    if (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-            and torch.get_autocast_dtype(device_type) == torch.bfloat16):
-        return torch.bfloat16
-    return core
+    return torch.bfloat16 if autocast_dtype(device_type) == torch.bfloat16 else core
 
 
 def autocast_off(device_type: str):
