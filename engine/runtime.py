@@ -13,6 +13,8 @@ from importlib import metadata
 import numpy as np
 import torch
 
+from models.backend import cpu_has_native_bf16
+
 
 def resolve_device(name: str) -> torch.device:
     """'auto' -> CUDA when available, else CPU; an unavailable CUDA request falls back to CPU with a warning."""
@@ -104,18 +106,6 @@ def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         print(message, file=sys.stderr)
         _warned.add(key)
-
-
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU computes bf16 matrix products natively (AMX or AVX-512-bf16) and
-    PyTorch's oneDNN can use them; elsewhere bf16 would be emulated and slower than float32."""
-    flags = cpu_features()
-    if not ({"amx_bf16", "avx512_bf16"} & flags) or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:

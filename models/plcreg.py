@@ -24,9 +24,8 @@ from utils.config import ModelConfig
 from utils.spatial import (SpatialTransformer, compose, integrate_velocity, released_sampling_field, resize_displacement,
                            upsample_displacement_released)
 
+from .backend import select_kernels
 from .blocks import DoubleConv, FlowHead, UpConv
-from .cpu_kernels import (autocast_dtype, avg_pool2_channels_last, channels_last, is_channels_last, warp_by_gather,
-                          warp_by_gather_with_grad)
 from .polaca import PoLaCA
 from .registry import register_model
 
@@ -58,15 +57,10 @@ class Encoder(nn.Module):
         self.levels = nn.ModuleList(DoubleConv(chans[i], chans[i + 1]) for i in range(len(widths)))
         self.pool = nn.AvgPool3d(2)
 
-    def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and is_channels_last(x) and all(n % 2 == 0 for n in x.shape[2:]):
-            return avg_pool2_channels_last(x)
-        return self.pool(x)
-
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = []
         for i, level in enumerate(self.levels):
-            x = level(x if i == 0 else self._pool(x))
+            x = level(x if i == 0 else self.pool(x))
             feats.append(x)
         return feats
 
@@ -95,12 +89,11 @@ class EstimatorLevel(nn.Module):
         else:
             self.up_context = None
 
-    def _combine(self, residual: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+    def combine(self, residual: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+        """``residual (+) base`` (a residual alone at the coarsest level)."""
         if base is None:
             return residual
-        if self.compose_levels:
-            return compose(residual, base)
-        return residual + base if torch.is_grad_enabled() else residual.add_(base)   # a new tensor: reused
+        return compose(residual, base) if self.compose_levels else residual + base
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor, phi_up: torch.Tensor | None,
                 context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,30 +101,13 @@ class EstimatorLevel(nn.Module):
 
         Returns (phi (B, 3, d, h, w'), features passed on as the next level's context).
         """
-        return self.forward_pair([moving, fixed], phi_up, context)
-
-    def forward_pair(self, pair: list, phi_up: torch.Tensor | None, context: torch.Tensor | None):
-        """``forward(*pair, phi_up, context)`` for ``pair = [moving, fixed]``.
-
-        Consumes its argument: without autograd it empties the list ``pair`` (the caller's
-        list too), so that the level's input features are freed as soon as its first
-        convolution has read them. Pass a list you no longer need."""
-        moving, fixed = pair
-        if not torch.is_grad_enabled():
-            pair.clear()
         parts = [moving, fixed] if self.attention is None else [moving, self.attention(moving, fixed), fixed]
-        del moving, fixed
-        c = self.conv.forward_parts(parts)
-        del parts
-        phi = self._combine(self.head(c), phi_up)
+        c = self.conv(torch.cat(parts, dim=1))
+        phi = self.combine(self.head(c), phi_up)
         if self.up_context is None:
             return phi, c
-        # the upsampled context is made only once c has been used (and, without autograd, freed)
-        fine_parts = [phi, c, lambda: self.up_context(context)]
-        del c
-        fine = self.fine_conv.forward_parts(fine_parts)
-        phi = self._combine(self.fine_head(fine), phi)
-        return phi, fine
+        fine = self.fine_conv(torch.cat([phi, c, self.up_context(context)], dim=1))
+        return self.combine(self.fine_head(fine), phi), fine
 
 
 class PLCReg(nn.Module):
@@ -144,6 +120,10 @@ class PLCReg(nn.Module):
         displacement (B, 3, D, H, W); with ``return_levels`` a tuple
         (displacement, [phi_5, ..., phi_1]) where phi_l lives on the (padded) grid of level l
         in that level's voxel units (before any diffeomorphic integration).
+
+    The modules state the network in plain PyTorch; on the CPU the kernel runner of
+    ``models/kernels`` computes the same function from their weights where it applies
+    (``models/backend.py`` decides, once per call).
 
     With ``config.released_compat`` the network computes the released code's function (its
     weights convert with ``scripts/convert_released.py``) and the returned field is corrected
@@ -191,49 +171,17 @@ class PLCReg(nn.Module):
             raise ValueError(f"PLCReg: moving and fixed must have the same shape, got "
                              f"{tuple(moving.shape)} and {tuple(fixed.shape)}")
 
-    def _run_level(self, lvl: int, pair: list, phi_up, context):
-        level = self.levels[lvl - 1]
-        if not torch.is_grad_enabled():
-            return level.forward_pair(pair, phi_up, context)      # frees the pair's features early
-        if self.config.grad_checkpointing and self.training:
-            return checkpoint(level, *pair, phi_up, context, use_reentrant=False)
-        return level(*pair, phi_up, context)
+    def checkpointed(self) -> bool:
+        """Whether each estimator level recomputes its activations in the backward pass."""
+        return self.config.grad_checkpointing and self.training and torch.is_grad_enabled()
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor, return_levels: bool = False):
         self._check_inputs(moving, fixed)
         size = moving.shape[2:]
         moving, fixed = pad_far_end(moving, padded_size(size)), pad_far_end(fixed, padded_size(size))
-
-        if torch.is_grad_enabled():
-            # shared weights: one encoder pass over both images as a batch of 2B; on the CPU in
-            # channels-last layout, oneDNN's fast one, kept by every layer (blocks, pooling, the
-            # feature warp's gradient): at 80x96x80 a float32 step 0.78x, bf16 about 0.9x the time
-            # of the default layout that PyTorch's norms and pooling would fall back to
-            both = torch.cat([moving, fixed], dim=0)
-            if both.device.type == "cpu":
-                both = channels_last(both)
-            feats = self.encoder(both)
-            b = moving.shape[0]
-            # split, not sliced: the two halves' gradients meet in one concatenation (slices would
-            # each fill a full-size zero tensor and add them)
-            mov, fix = (list(halves) for halves in zip(*(f.split(b) for f in feats)))
-        else:
-            # inference: one image at a time halves the peak of the full-resolution level
-            # (on the CPU the convolutions run it in channels-last layout: blocks.Conv3d)
-            mov, fix = self.encoder(moving), self.encoder(fixed)
-
-        phi, context, fields = None, None, []
-        for lvl in range(N_LEVELS, 0, -1):
-            m, f = mov.pop(), fix.pop()          # coarsest first; a used level is let go at once
-            if phi is not None:
-                phi = self._upsample(phi, m.shape[2:])
-                m = self._warp_features(m, phi)
-            pair = [m, f]
-            del m, f
-            phi, context = self._run_level(lvl, pair, phi, context)
-            fields.append(phi)
-
-        flow = phi
+        kernels = select_kernels(moving)
+        fields = self.level_fields(moving, fixed) if kernels is None else kernels.level_fields(self, moving, fixed)
+        flow = fields[-1]
         if self.config.diffeomorphic:
             flow = integrate_velocity(flow, self.config.int_steps)
         flow = flow[:, :, :size[0], :size[1], :size[2]].contiguous()
@@ -241,22 +189,25 @@ class PLCReg(nn.Module):
             flow = released_sampling_field(flow)
         return (flow, fields) if return_levels else flow
 
-    def _warp_features(self, features: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-        """A level's moving features warped by the field from the coarser level. CPU inference
-        gathers rows of the channels-last features (``warp_by_gather``: same values, several
-        times faster than ``grid_sample`` and no float32 copy of bf16 features). CPU training
-        gathers too, in float32 (as autocast's ``grid_sample`` would), with ``grid_sample``'s
-        backward and the features' gradient back channels-last (``warp_by_gather_with_grad``)."""
-        if (features.device.type != "cpu" or phi.dtype != torch.float32 or torch.compiler.is_compiling()
-                or features.dtype not in (torch.float32, torch.bfloat16)):
-            return self.transformer(features, phi)
-        if not torch.is_grad_enabled():
-            return warp_by_gather(features, phi)
-        if is_channels_last(features) and (features.dtype == torch.float32 or autocast_dtype("cpu") == features.dtype):
-            return warp_by_gather_with_grad(features, phi)
-        return self.transformer(features, phi)
+    def level_fields(self, moving: torch.Tensor, fixed: torch.Tensor) -> list[torch.Tensor]:
+        """The reference pass on padded inputs: [phi_5, ..., phi_1]."""
+        b = moving.shape[0]
+        feats = self.encoder(torch.cat([moving, fixed]))          # shared weights: one pass over both
+        phi, context, fields = None, None, []
+        for lvl in range(N_LEVELS, 0, -1):
+            m, f = feats[lvl - 1].split(b)
+            if phi is not None:
+                phi = self.upsample_field(phi, m.shape[2:])
+                m = self.transformer(m, phi)
+            level = self.levels[lvl - 1]
+            if self.checkpointed():
+                phi, context = checkpoint(level, m, f, phi, context, use_reentrant=False)
+            else:
+                phi, context = level(m, f, phi, context)
+            fields.append(phi)
+        return fields
 
-    def _upsample(self, phi: torch.Tensor, size) -> torch.Tensor:
+    def upsample_field(self, phi: torch.Tensor, size) -> torch.Tensor:
         """The coarse field on the next finer level's grid, in that level's voxels."""
         if self.config.released_compat:
             return upsample_displacement_released(phi)

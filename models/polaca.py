@@ -13,14 +13,14 @@ linear attention over one half of the value channels.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cpu_kernels import autocast_dtype
+from .backend import autocast_dtype
+from .blocks import autocast_off
 
 
 # ---------------------------------------------------------------------------
@@ -71,29 +71,13 @@ def window_reverse_released(windows: torch.Tensor, window: Sequence[int], size: 
 # ---------------------------------------------------------------------------
 # attention inside windows
 # ---------------------------------------------------------------------------
-def polarity_split(x: torch.Tensor, p: torch.Tensor, out: torch.Tensor | None = None,
-                   work: torch.Tensor | None = None) -> torch.Tensor:
-    """``[ReLU(x)**p, ReLU(-x)**p]`` along the last axis: (..., d) -> (..., 2d).
-
-    One power per element (``|x|**p``, then split by sign), not one per half. ``p`` (d,)
-    broadcasts over the leading axes. Without autograd the powers are taken in ``work``
-    (x's shape, at least float32; made if not given) and written into ``out`` (made in x's
-    dtype if not given), whose dtype may differ from x's: a bf16 ``out`` holds float32 powers
-    rounded once.
-    """
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        a = x.abs().pow(p)
-        pos = a.copysign(x).clamp_min(0)
-        return torch.cat([pos, a - pos], dim=-1)
-    if out is None:
-        out = x.new_empty((*x.shape[:-1], 2 * x.shape[-1]))
-    if work is None:
-        work = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, torch.float32))
-    pos, neg = out.chunk(2, dim=-1)
-    signed = work.copy_(x).abs_().pow_(p).copysign_(x)        # sign(x) |x|**p
-    pos.copy_(signed).clamp_min_(0)            # rounding keeps the sign: clamped after it
-    neg.copy_(signed).clamp_max_(0).neg_()
-    return out
+def polarity_split(x: torch.Tensor, p: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``[ReLU(x)**p, ReLU(-x)**p]`` along the last axis: (..., d) -> (..., 2d), in ``dtype``
+    (default x's); ``p`` (d,) broadcasts over the leading axes. One power per element
+    (``|x|**p``, then split by sign)."""
+    a = x.abs().pow(p)
+    pos = a.copysign(x).clamp_min(0)
+    return torch.cat([pos, a - pos], dim=-1).to(dtype or x.dtype)
 
 
 def stream_matrix(g: torch.Tensor, s: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -125,10 +109,9 @@ def polarity_streams(q2: torch.Tensor, k2: torch.Tensor, v: torch.Tensor, num_he
     Head ``j`` of width hd computes, with ``Q = [q+, q-]``, ``Q' = [q-, q+]``, ``K = [k+, k-]``
     restricted to its channels and ``v1``, ``v2`` the halves of its values,
     ``[Q (K^T v1 / N) / (Q . mean K + eps), Q' (K^T v2 / N) / (Q' . mean K + eps)]``.
-    The cheaper association (``K^T v`` first) costs O(N); gathering every head into one
-    block-diagonal matrix (:func:`stream_matrix`) makes it two matrix products per window
-    instead of many tiny ones per head, the second giving each channel's numerator and
-    denominator side by side.
+    ``K^T v`` first costs O(N); every head in one block-diagonal matrix
+    (:func:`stream_matrix`) makes it two matrix products per window, the second giving each
+    channel's numerator and denominator side by side.
     """
     n, d = k2.shape[-2], v.shape[-1]
     # a column of ones after the values gives mean K in the same product
@@ -137,30 +120,20 @@ def polarity_streams(q2: torch.Tensor, k2: torch.Tensor, v: torch.Tensor, num_he
     return out[..., :d] / (out[..., d:] + eps)
 
 
-def polarity_product_dtype(core: torch.dtype, device_type: str) -> torch.dtype:
-    """dtype of the polarity core's matrix products: bf16 under bf16 autocast on ``device_type``
-    (its range is float32's, so the powers fit), else ``core`` (float16 autocast included)."""
-    return torch.bfloat16 if autocast_dtype(device_type) == torch.bfloat16 else core
+def polarity_pair(q: torch.Tensor, k: torch.Tensor, positional: torch.Tensor, p: torch.Tensor,
+                  products: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[q+ | q-]`` and ``[k+ | k-]`` (B', N, 2d) in ``products`` of queries q and keys
+    ``k + positional`` (B', N, d), the powers ``p`` (d,) taken in p's dtype."""
+    core = p.dtype
+    return polarity_split(q.to(core), p, products), polarity_split(k.to(core) + positional, p, products)
 
 
-def autocast_off(device_type: str):
-    """A context without autocast on ``device_type`` (nothing to switch off on a device that
-    has none, such as "meta")."""
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def window_band(window: Sequence[int], kernel: int) -> torch.Tensor:
-    """Where a depthwise ``kernel``^3 convolution inside a window (zero padding at its faces)
-    takes each tap: (N, N) indices into the flattened kernel, ``kernel**3`` where token ``s``
-    is outside the reach of token ``t``. Tokens in row-major (wd, wh, ww) order."""
-    r = kernel // 2
-    coords = torch.stack(torch.meshgrid(*[torch.arange(w) for w in window], indexing="ij"), dim=-1).view(-1, 3)
-    offset = coords.unsqueeze(0) - coords.unsqueeze(1) + r                      # (t, s, 3): s - t + r
-    inside = ((offset >= 0) & (offset < kernel)).all(dim=-1)
-    flat = (offset[..., 0] * kernel + offset[..., 1]) * kernel + offset[..., 2]
-    return torch.where(inside, flat, kernel ** 3)
+def polarity_dtypes(x: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """(powers, products) dtypes of the polarity core for projections ``x``: powers in at least
+    float32; products in bf16 under bf16 autocast (float32's range), never in float16, where
+    x**p with p up to 16 overflows."""
+    core = torch.promote_types(x.dtype, torch.float32)
+    return core, (torch.bfloat16 if autocast_dtype(x.device.type) == torch.bfloat16 else core)
 
 
 class PolarityAttention(nn.Module):
@@ -197,40 +170,27 @@ class PolarityAttention(nn.Module):
         self.dwc = nn.Conv3d(self.head_dim, self.head_dim, dwc_kernel, padding=dwc_kernel // 2,
                              groups=self.head_dim)
         self.proj = nn.Linear(dim, dim)
-        self.register_buffer("band", window_band(self.window, dwc_kernel), persistent=False)
 
     def exponent(self) -> torch.Tensor:
         """ALS exponent p = 1 + alpha * sigmoid(theta): (h, hd), always in (1, 1 + alpha)."""
         return 1.0 + self.alpha * torch.sigmoid(self.power)
 
-    def _value_conv(self, v: torch.Tensor) -> torch.Tensor:
+    def value_conv(self, v: torch.Tensor) -> torch.Tensor:
         """Depthwise convolution of each head's values, laid out spatially inside the window
-        (zero outside it), one kernel shared by the heads: (B', N, d) -> (B', N, d).
-
-        With autograd it is computed as a product with each channel's (N, N) band matrix
-        (the kernel's taps placed by ``band``): the same sums, and in bf16 on the CPU its
-        backward pass is several times faster than that of the depthwise convolution."""
-        if torch.is_grad_enabled():
-            return self._value_conv_as_product(v)
+        (zero outside it), one kernel shared by the heads: (B', N, d) -> (B', N, d)."""
         bw, n, d = v.shape
-        vol = v.reshape(bw, *self.window, d).permute(0, 4, 1, 2, 3)      # channels-last view
+        vol = v.reshape(bw, *self.window, d).permute(0, 4, 1, 2, 3)
         weight = self.dwc.weight.repeat(self.num_heads, 1, 1, 1, 1)
         bias = None if self.dwc.bias is None else self.dwc.bias.repeat(self.num_heads)
         y = F.conv3d(vol, weight, bias, padding=self.dwc.padding, groups=d)
         return y.permute(0, 2, 3, 4, 1).reshape(bw, n, d)
 
-    def _value_conv_as_product(self, v: torch.Tensor) -> torch.Tensor:
-        bw, n, d = v.shape
-        h, hd = self.num_heads, self.head_dim
-        taps = self.dwc.weight.view(hd, -1)
-        band = torch.cat([taps, taps.new_zeros(hd, 1)], dim=1)[:, self.band]            # (hd, N, N)
-        by_channel = v.view(bw, n, h, hd).permute(3, 1, 0, 2).reshape(hd, n, bw * h)
-        y = torch.matmul(band, by_channel).view(hd, n, bw, h).permute(2, 1, 3, 0).reshape(bw, n, d)
-        return y if self.dwc.bias is None else y + self.dwc.bias.repeat(h).to(y.dtype)
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        return self.attend(fixed, moving, polarity_pair, self.value_conv)
 
-    def forward(self, fixed: torch.Tensor, moving: torch.Tensor, scratch: dict | None = None) -> torch.Tensor:
-        """``scratch``: without autograd, a dict in which the polarity core keeps its buffers
-        from one call to the next (calls on chunks of at most as many windows as the first)."""
+    def attend(self, fixed: torch.Tensor, moving: torch.Tensor, split, value_conv) -> torch.Tensor:
+        """The attention with its two costliest steps given: ``split`` as :func:`polarity_pair`,
+        ``value_conv`` as :meth:`value_conv`."""
         d = self.dim
         weight = self.qkvg.weight
         # queries and keys divided by softplus(scale), folded into their weights
@@ -238,31 +198,13 @@ class PolarityAttention(nn.Module):
         q = F.linear(fixed, weight[:d] / scale.unsqueeze(1))
         k = F.linear(moving, weight[d:2 * d] / scale.unsqueeze(1))
         v, g = F.linear(moving, weight[2 * d:]).chunk(2, dim=-1)
-
-        # powers in at least float32; products in bf16 under bf16 autocast (float32's range),
-        # never in float16: x**p with p up to 16 overflows it
-        core = torch.promote_types(q.dtype, torch.float32)
-        products = polarity_product_dtype(core, q.device.type)
+        core, products = polarity_dtypes(q)
         p = self.exponent().reshape(d).to(core)
-        positional = (self.positional / scale).to(core)
-        if scratch is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            q2 = polarity_split(q.to(core), p).to(products)
-            k2 = polarity_split(k.to(core) + positional, p).to(products)
-        else:
-            # buffers kept between chunks: a new tensor of a megabyte or more is fresh memory
-            bw, n = q.shape[:2]
-            if not scratch:
-                scratch["q2"], scratch["k2"] = (q.new_empty((bw, n, 2 * d), dtype=products) for _ in range(2))
-                scratch["k"], scratch["work"] = (q.new_empty((bw, n, d), dtype=core) for _ in range(2))
-            work = scratch["work"][:bw]
-            k_core = torch.add(k, positional, out=scratch["k"][:bw])
-            q2 = polarity_split(q, p, out=scratch["q2"][:bw], work=work)
-            k2 = polarity_split(k_core, p, out=scratch["k2"][:bw], work=work)
+        q2, k2 = split(q, k, (self.positional / scale).to(core), p, products)
         with autocast_off(q.device.type):
             x = polarity_streams(q2, k2, v.to(products), self.num_heads, self.eps).to(v.dtype)   # (B', N, d)
         del q2, k2
-
-        v_sp = self._value_conv(v)
+        v_sp = value_conv(v)
         if self.released_layout:
             # the released code reads the convolution's (B', h, N, hd) output as (B', N, d)
             bw, n, _ = v_sp.shape
@@ -285,8 +227,6 @@ class PoLaCA(nn.Module):
         moving, fixed: (B, C, D, H, W) -> (B, C, D, H, W).
     """
 
-    inference_chunk_tokens = 2 ** 13      # tokens per chunk of the attention and MLP without autograd
-
     def __init__(self, dim: int, window: Sequence[int], num_heads: int = 8, alpha: float = 15.0,
                  dwc_kernel: int = 3, mlp_ratio: float = 4.0, released_compat: bool = False):
         super().__init__()
@@ -299,15 +239,16 @@ class PoLaCA(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.norm_out = nn.LayerNorm(dim)
 
-    def _attention_in_chunks(self, f_win: torch.Tensor, m_win: torch.Tensor) -> torch.Tensor:
-        """``self.attn(f_win, m_win)`` over chunks of about ``inference_chunk_tokens`` tokens."""
-        step = max(1, self.inference_chunk_tokens // f_win.shape[1])
-        parts, scratch = [], {}
-        for i in range(0, len(f_win), step):
-            parts.append(self.attn(f_win[i:i + step], m_win[i:i + step], scratch))
-        return torch.cat(parts)
+    def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + MLP(LN(x))`` on tokens (..., C)."""
+        return x + self.mlp(self.norm_mlp(x))
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        return self.run(moving, fixed, self.attn, self.mlp_residual)
+
+    def run(self, moving: torch.Tensor, fixed: torch.Tensor, attention, mlp_residual) -> torch.Tensor:
+        """The block with its two token-wise steps given: ``attention(f_win, m_win)`` as
+        :class:`PolarityAttention`, ``mlp_residual(x)`` as :meth:`mlp_residual` (may work in place)."""
         if moving.shape != fixed.shape or moving.ndim != 5:
             raise ValueError(f"PoLaCA: expected moving and fixed features of one shape (B, C, D, H, W), "
                              f"got {tuple(moving.shape)} and {tuple(fixed.shape)}")
@@ -319,21 +260,8 @@ class PoLaCA(nn.Module):
         padded = m_pad.shape[1:4]
         f_win, m_win = window_partition(f_pad, self.window), window_partition(m_pad, self.window)
         del f_pad, m_pad
-        if torch.is_grad_enabled():
-            attn = self.attn(f_win, m_win)
-        else:
-            # windows and tokens are independent: in chunks, the attention's and the MLP's
-            # intermediates never exist for the whole volume at once (same values)
-            attn = self._attention_in_chunks(f_win, m_win)
+        attn = attention(f_win, m_win)
         del f_win, m_win
         attn = self.reverse(attn, self.window, padded)[:, :size[0], :size[1], :size[2]]
-        x = m + attn
-        del attn
-        if torch.is_grad_enabled():
-            x = x + self.mlp(self.norm_mlp(x))
-        else:
-            flat = x.view(-1, x.shape[-1])
-            for i in range(0, flat.shape[0], self.inference_chunk_tokens):
-                part = flat[i:i + self.inference_chunk_tokens]
-                part += self.mlp(self.norm_mlp(part))
+        x = mlp_residual(m + attn)
         return self.norm_out(x).permute(0, 4, 1, 2, 3)

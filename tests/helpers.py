@@ -1,7 +1,14 @@
 """Test helpers: small random volumes and smooth random fields."""
 import numpy as np
+import pytest
 import torch
 from scipy import ndimage
+
+from models.backend import CPU_BF16_ENV, cpu_has_native_bf16
+
+needs_native_bf16 = pytest.mark.skipif(
+    not cpu_has_native_bf16(),
+    reason=f"this CPU has no native bf16 (AMX or AVX-512-bf16), or {CPU_BF16_ENV}=0: the bf16 kernels cannot run")
 
 
 def smooth_field(shape, amplitude, sigma=3.0, seed=0, dtype=torch.float32):

@@ -7,8 +7,8 @@ import torch
 import engine.runtime as runtime
 from engine.infer import register_tensors
 from models import build_model
-from models.cpu_kernels import instance_norm_relu_
-from tests.helpers import synthetic_pair
+from models.kernels.ops import instance_norm_relu_
+from tests.helpers import needs_native_bf16, synthetic_pair
 from utils.config import ModelConfig, RunConfig
 from utils.spatial import warp_labels
 
@@ -23,8 +23,12 @@ def _model_and_pair():
     return model, synthetic_pair((48, 48, 48), amplitude=3.0, seed=2)
 
 
-def test_bf16_field_is_close_to_float32_and_keeps_label_sets():
-    # autocast bf16 runs on any CPU (emulated where not native): this checks the numbers
+@pytest.mark.parametrize("native", [pytest.param(True, marks=needs_native_bf16), False])
+def test_bf16_field_is_close_to_float32_and_keeps_label_sets(native, monkeypatch):
+    # the bf16 kernels where the CPU has native bf16; everywhere, autocast bf16 of the
+    # reference network (emulated where not native)
+    if not native:
+        monkeypatch.setenv("PLCREG_CPU_BF16", "0")
     model, (moving, fixed, mlab, _) = _model_and_pair()
     with torch.inference_mode():
         u32 = model(moving, fixed)
@@ -57,7 +61,7 @@ def test_amp_on_a_cpu_without_native_bf16_falls_back_to_float32(monkeypatch, cap
     model, (moving, fixed, _, _) = _model_and_pair()
     run = RunConfig()
     run.eval.amp = True
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setenv("PLCREG_CPU_BF16", "0")
     monkeypatch.setattr(runtime, "_warned", set())
     assert runtime.amp_dtype(torch.device("cpu"), True) is None
     assert "no native bf16" in capsys.readouterr().err
@@ -65,12 +69,10 @@ def test_amp_on_a_cpu_without_native_bf16_falls_back_to_float32(monkeypatch, cap
     run.eval.amp = False
     u_fp32, _ = register_tensors(model, run, moving, fixed)
     assert torch.equal(u_amp, u_fp32)
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
-    assert runtime.amp_dtype(torch.device("cpu"), True) == torch.bfloat16
     assert runtime.precision_name(torch.bfloat16) == "bf16" and runtime.precision_name(None) == "fp32"
 
 
-@pytest.mark.skipif(not runtime.cpu_has_native_bf16(), reason="this CPU has no native bf16")
+@needs_native_bf16
 def test_native_bf16_detected_and_used_by_amp():
     assert runtime.amp_dtype(torch.device("cpu"), True) == torch.bfloat16
 

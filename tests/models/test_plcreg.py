@@ -5,10 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-import models.blocks
-import models.plcreg
 from models import build_model, load_model, save_model
 from models.plcreg import EstimatorLevel
 from models.polaca import PoLaCA
@@ -119,73 +116,6 @@ def test_compose_levels_composes_residual_with_coarse_field():
     assert torch.allclose(out[True][inner], expect_comp[inner], atol=1e-10)
 
 
-class _ConvolutionLayouts(TorchDispatchMode):
-    """Records whether each convolution's input and incoming gradient are channels-last."""
-
-    def __init__(self):
-        super().__init__()
-        self.layouts = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        # (how many leading tensor arguments to look at, where the "transposed" flag is)
-        watched = {"convolution": (1, 6), "mkldnn_convolution": (1, None), "convolution_backward": (2, 7)}
-        if name in watched:
-            count, flag = watched[name]
-            if flag is None or not args[flag]:
-                for t in args[:count]:
-                    if t.shape[1] > 1:
-                        channels_last = t.is_contiguous(memory_format=torch.channels_last_3d)
-                        self.layouts.append((name, tuple(t.shape), channels_last))
-        return func(*args, **(kwargs or {}))
-
-
-@pytest.mark.parametrize("amp", [False, True])
-def test_cpu_training_step_keeps_convolutions_channels_last(amp):
-    """oneDNN's fast layout through a whole training step: inputs and gradients of every
-    convolution (fields, norms, pooling and warped features would each fall back to the default
-    layout if left to PyTorch), in float32 and under CPU bf16 autocast."""
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(**SMALL)).train()
-    moving, fixed = _pair((32, 32, 32))
-    with _ConvolutionLayouts() as record:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            u = model(moving, fixed)
-        (warp(moving, u.float()) - fixed).square().mean().backward()
-    assert len(record.layouts) > 50
-    assert [entry for entry in record.layouts if not entry[2]] == []
-
-
-def test_cpu_training_gradients_as_accurate_as_plain_layers(monkeypatch):
-    """The channels-last training path (its norm, pooling and warp gradient) against the same
-    network through PyTorch's own layers, both in float32, each measured against those layers
-    in float64: every parameter's gradient within 3x the plain path's float32 error (float32
-    itself is off by up to ~15 % on some attention parameters here). Biases just before an
-    instance norm have no gradient in exact arithmetic and are left out."""
-    model, moving, fixed, _ = _model_pair_and_plain_field()
-    model.train()
-
-    def gradients(net, dtype):
-        net.zero_grad()
-        m, f = moving.to(dtype), fixed.to(dtype)
-        (warp(m, net(m, f)) - f).square().mean().backward()
-        return {name: p.grad.double() for name, p in net.named_parameters()}
-
-    fast = gradients(model, torch.float32)
-    for module in (models.blocks, models.plcreg):
-        monkeypatch.setattr(module, "is_channels_last", lambda x: False)
-    plain = gradients(copy.deepcopy(model), torch.float32)
-    reference = gradients(copy.deepcopy(model).double(), torch.float64)
-    compared = 0
-    for name, ref in reference.items():
-        if ref.norm() < 1e-8:
-            continue
-        compared += 1
-        plain_error = (plain[name] - ref).norm() + 1e-4 * ref.norm()
-        assert (fast[name] - ref).norm() < 3 * plain_error, name
-    assert compared > 100
-
-
 def test_checkpoint_round_trip_and_refusals(tmp_path):
     moving, fixed = _pair((32, 32, 32), seed=4)
     model = build_model(ModelConfig(**SMALL)).eval()
@@ -272,18 +202,6 @@ def _model_pair_and_plain_field():
     return model, moving, fixed, plain
 
 
-@pytest.mark.parametrize("chunk", [2 ** 17, 50])
-def test_inference_path_matches_the_autograd_path(chunk, monkeypatch):
-    """inference_mode runs the encoder per image, norms in place, convolutions without
-    concatenations and attention in chunks: same field (|du| < 1e-4)."""
-    monkeypatch.setattr(PoLaCA, "inference_chunk_tokens", chunk)
-    model, moving, fixed, plain = _model_pair_and_plain_field()
-    with torch.inference_mode():
-        fast = model(moving, fixed)
-    assert plain.abs().max().item() > 1.0
-    assert (fast - plain).abs().max().item() < 1e-4
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_gives_the_cpu_field():
     """On a GPU (cuDNN convolutions, CUDA sampling and attention, TF32 off) the network gives
@@ -306,10 +224,9 @@ def test_cuda_gives_the_cpu_field():
 
 
 def test_compiled_network_matches_the_plain_path():
-    """torch.compile (engine.runtime.compile_model) traces the inference path as one graph,
-    convolutions kept as oneDNN calls, and gives the autograd path's field (|du| < 1e-4).
-    Compiled kernels land in torch's own cache (keyed by graph and source), so only the first
-    run on a machine pays for compiling them (about 2.5 minutes on 2 cores, then 17 s)."""
+    """torch.compile (engine.runtime.compile_model) traces the reference network as one graph
+    and gives the eager field (|du| < 1e-4). Compiled kernels land in torch's own cache (keyed
+    by graph and source), so only the first run on a machine pays for compiling them."""
     model, moving, fixed, plain = _model_pair_and_plain_field()
     torch._dynamo.reset()
     with torch.inference_mode():
@@ -319,11 +236,8 @@ def test_compiled_network_matches_the_plain_path():
     compile_model(model)
     with torch.inference_mode():
         compiled = model(moving, fixed)
-        with torch.profiler.profile() as prof:
-            again = model(moving, fixed)
+        again = model(moving, fixed)
     torch._dynamo.reset()
-    ops = {e.key for e in prof.key_averages()}
-    assert "plcreg::onednn_conv3d" in ops and "aten::slow_conv3d_forward" not in ops
     assert set(model.state_dict()) == keys                  # checkpoints unchanged by compiling
     assert plain.abs().max().item() > 1.0
     assert (compiled - plain).abs().max().item() < 1e-4

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.polaca import PoLaCA, PolarityAttention, pad_to_multiple, polarity_split, window_partition, window_reverse
+from models.kernels import CpuInference, CpuTraining
+from models.polaca import PoLaCA, PolarityAttention, pad_to_multiple, window_partition, window_reverse
 
 
 def test_window_partition_and_reverse_are_inverse():
@@ -112,18 +113,32 @@ def _randomise(module, seed=0):
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.3 if "power" not in name else 1.0))
 
 
-@pytest.mark.parametrize("inference, chunk_tokens", [(False, 24), (True, 24), (True, 60)])
-def test_polaca_matches_loop_reference_with_padding(inference, chunk_tokens, monkeypatch):
-    """Autograd path, and the inference path: attention in chunks of 2 windows, or of 5 with a
-    last chunk of 2 (buffers kept from one chunk to the next), no concatenation."""
-    monkeypatch.setattr(PoLaCA, "inference_chunk_tokens", chunk_tokens)
+def _block_pass(path: str):
+    """A PoLaCA pass: the reference module, the training kernels, or the inference kernels
+    (attention in chunks of 2 windows, or of 5 with a last chunk of 2: buffers kept from one
+    chunk to the next)."""
+    if path == "reference":
+        return lambda block, m, f: block(m, f)
+    if path == "training":
+        return CpuTraining(torch.float32).attention
+    inference = CpuInference(torch.float32)
+    inference.chunk_tokens = int(path.split("-")[1])
+    return lambda block, m, f: _no_grad(inference.attention, block, m, f)
+
+
+def _no_grad(fn, *args):
+    with torch.inference_mode():
+        return fn(*args)
+
+
+@pytest.mark.parametrize("path", ["reference", "training", "inference-24", "inference-60"])
+def test_polaca_matches_loop_reference_with_padding(path):
     torch.manual_seed(0)
     block = PoLaCA(dim=16, window=(2, 3, 2), num_heads=4, alpha=3.0, dwc_kernel=3).double()
     _randomise(block)
     moving = torch.randn(1, 16, 3, 4, 5, dtype=torch.float64)   # pads to (4, 6, 6)
     fixed = torch.randn(1, 16, 3, 4, 5, dtype=torch.float64)
-    with torch.inference_mode(inference):
-        ours = block(moving, fixed)[0].detach().numpy()
+    ours = _block_pass(path)(block, moving, fixed)[0].detach().numpy()
     ref = _reference_polaca(block, moving, fixed)
     assert ours.shape == ref.shape == (16, 3, 4, 5)
     assert np.abs(ours - ref).max() < 1e-6
@@ -178,36 +193,6 @@ def test_polaca_any_size_and_half_inputs_finite():
 def test_head_split_validated(kwargs):
     with pytest.raises(ValueError, match="heads"):
         PolarityAttention(window=(2, 2, 2), **kwargs)
-
-
-def test_polarity_split_against_float64_powers_in_every_path():
-    """``[ReLU(x)**p, ReLU(-x)**p]``: the autograd form, the inference form making its own
-    output, and the inference form writing bf16 or float32 input into a float32 buffer, or
-    float32 powers into a bf16 buffer (rounded once: within bf16's relative precision)."""
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(3, 7, 6, generator=g)
-    x[0, 0, :2] = 0.0                                               # zeros go to neither half
-    p = 1.0 + 9.0 * torch.rand(6, generator=g)
-    for dtype in (torch.float32, torch.bfloat16):
-        given = x.to(dtype)
-        xd, pd = given.double(), p.double()
-        ref = torch.cat([xd.clamp_min(0) ** pd, (-xd).clamp_min(0) ** pd], dim=-1)
-        with torch.enable_grad():
-            autograd = polarity_split(given.float(), p)
-        with torch.inference_mode():
-            own = polarity_split(given.float(), p)
-            buffer = torch.full((3, 7, 12), float("nan"))
-            into = polarity_split(given, p, out=buffer)
-            narrow = torch.full((3, 7, 12), float("nan"), dtype=torch.bfloat16)
-            work = torch.full((3, 7, 6), float("nan"))
-            rounded = polarity_split(given, p, out=narrow, work=work)
-        assert into.data_ptr() == buffer.data_ptr() and rounded.data_ptr() == narrow.data_ptr()
-        for out in (autograd, own, into):
-            assert out.dtype == torch.float32
-            assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-30)
-        assert rounded.dtype == torch.bfloat16
-        assert torch.allclose(rounded.double(), ref, rtol=2 ** -8, atol=1e-30)
-        assert torch.equal(rounded == 0, ref == 0)
 
 
 def test_float16_autocast_keeps_the_polarity_products_finite():

@@ -1,9 +1,8 @@
-"""CPU kernels behind the blocks (models/blocks.py): oneDNN convolutions that ``torch.compile``
-keeps whole, channels-last 2x average pooling, the in-place blocked InstanceNorm+ReLU, and
-trilinear warping of channels-last features by row gathers for inference; for training, a
-channels-last InstanceNorm+ReLU and the pieces that keep gradients channels-last. Each computes
-what a plain PyTorch call computes (tested against it in float64); they exist for speed and
-memory on the CPU, never for other results.
+"""CPU kernels: oneDNN convolutions (bf16, fused sums), channels-last 2x average pooling, the
+in-place blocked InstanceNorm+ReLU, and trilinear warping of channels-last features by row
+gathers for inference; for training, a channels-last InstanceNorm+ReLU and the pieces that keep
+gradients channels-last. Each computes what a plain PyTorch call computes (tested against it in
+float64); they exist for speed and memory on the CPU (figures: ``benchmarks/RESULTS.md``).
 """
 from __future__ import annotations
 
@@ -30,23 +29,6 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last_3d)
 
 
-@torch.library.custom_op("plcreg::onednn_conv3d", mutates_args=())
-def onednn_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: list[int],
-                  stride: list[int], dilation: list[int], groups: int) -> torch.Tensor:
-    """``torch.mkldnn_convolution`` as an operator ``torch.compile`` keeps whole: traced through,
-    the compiler would hand the convolution back to PyTorch's kernel selection (and its slow
-    kernel on small volumes). (B, C_in, D, H, W) -> (B, C_out, D', H', W'), computed and
-    answered channels-last whatever the input's layout, so the compiler can foresee it."""
-    return channels_last(torch.mkldnn_convolution(channels_last(x), weight, bias, padding, stride, dilation, groups))
-
-
-@onednn_conv3d.register_fake
-def _onednn_conv3d_shape(x, weight, bias, padding, stride, dilation, groups):
-    spatial = [(n + 2 * p - d * (k - 1) - 1) // s + 1
-               for n, k, p, s, d in zip(x.shape[2:], weight.shape[2:], padding, stride, dilation)]
-    return x.new_empty((x.shape[0], weight.shape[0], *spatial)).contiguous(memory_format=torch.channels_last_3d)
-
-
 def _convolution_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, geometry,
                           mask: list[bool]):
     """Gradients (x, weight, bias) of a convolution (not transposed) with ``geometry`` = (padding,
@@ -54,22 +36,6 @@ def _convolution_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     padding, stride, dilation, groups = geometry
     return torch.ops.aten.convolution_backward(grad, x, weight, [weight.shape[0]] if has_bias else None, stride,
                                                padding, dilation, False, [0] * len(padding), groups, mask)
-
-
-def _onednn_conv3d_save(ctx, inputs, output):
-    x, weight, bias, padding, stride, dilation, groups = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.geometry, ctx.has_bias = (padding, stride, dilation, groups), bias is not None
-
-
-def _onednn_conv3d_backward(ctx, grad):
-    x, weight = ctx.saved_tensors
-    gx, gw, gb = _convolution_backward(grad, x, weight, ctx.has_bias, ctx.geometry,
-                                       [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias])
-    return gx, gw, gb, None, None, None, None
-
-
-onednn_conv3d.register_autograd(_onednn_conv3d_backward, setup_context=_onednn_conv3d_save)
 
 
 def avg_pool2_channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +47,7 @@ def avg_pool2_channels_last(x: torch.Tensor) -> torch.Tensor:
     float32 against 134 and 184 ms for pairwise sums. Other dtypes, and traced code, take
     three pairwise sums over the (B, D, H, W, C) view. With autograd the gradient is spread
     back by one broadcast copy (oneDNN's depthwise backward is several times slower)."""
-    if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
+    if torch.is_grad_enabled() and x.requires_grad:
         return _AvgPool2ChannelsLast.apply(x)
     return _avg_pool2_channels_last(x)
 
@@ -103,8 +69,7 @@ class _AvgPool2ChannelsLast(torch.autograd.Function):
 
 def _avg_pool2_channels_last(x: torch.Tensor) -> torch.Tensor:
     c = x.shape[1]
-    if (x.dtype in (torch.float32, torch.bfloat16) and _HAS_ONEDNN and torch.backends.mkldnn.enabled
-            and not torch.compiler.is_compiling()):
+    if x.dtype in (torch.float32, torch.bfloat16) and _HAS_ONEDNN and torch.backends.mkldnn.enabled:
         taps = torch.full((c, 1, 2, 2, 2), 0.125, dtype=x.dtype)
         return channels_last(torch.mkldnn_convolution(channels_last(x), taps, None, (0, 0, 0), (2, 2, 2), (1, 1, 1), c))
     t = x.permute(0, 2, 3, 4, 1)
@@ -117,19 +82,6 @@ def _avg_pool2_channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 _HAS_ONEDNN = torch.backends.mkldnn.is_available()
-
-
-def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype autocast computes convolutions in for ``device_type`` ("cpu", "cuda", ...); None
-    outside autocast and on devices that have none (such as "meta")."""
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
-
-
-def cpu_bf16_autocast() -> bool:
-    """True inside ``torch.autocast("cpu", dtype=torch.bfloat16)``."""
-    return autocast_dtype("cpu") == torch.bfloat16
 
 
 def onednn_conv3d_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding, stride, dilation,
@@ -170,17 +122,6 @@ def onednn_conv3d_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     return torch.ops.mkldnn._convolution_pointwise_.binary(
         out, channels_last(x.to(dtype)), weight.to(dtype), None, list(padding), list(stride), list(dilation), groups,
         "add", 1.0, None, [], None)
-
-
-def _onednn_supports(x: torch.Tensor, padding_mode: str, padding) -> bool:
-    """Whether oneDNN can run a convolution of this CPU input with this padding."""
-    return _HAS_ONEDNN and x.device.type == "cpu" and padding_mode == "zeros" and isinstance(padding, tuple)
-
-
-def _onednn_applies(x: torch.Tensor, padding_mode: str, padding) -> bool:
-    """Whether a float32 convolution (no autocast) can go to oneDNN directly."""
-    return (_onednn_supports(x, padding_mode, padding) and x.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu"))
 
 
 _STAT_BLOCK = 4096          # voxels per partial sum of the in-place instance norm
@@ -243,8 +184,8 @@ def instance_norm_relu_(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     channels-last inputs keep their layout.
     """
     f = _voxels_by_channels(x)
-    if x.dtype == torch.bfloat16 and f is not None and not torch.compiler.is_compiling():
-        return _instance_norm_relu_bf16(x, eps)       # (its out= form would break a traced graph)
+    if x.dtype == torch.bfloat16 and f is not None:
+        return _instance_norm_relu_bf16(x, eps)
     if f is None:
         var, mean = torch.var_mean(x, dim=(2, 3, 4), unbiased=False, keepdim=True)
         return x.sub_(mean).mul_(torch.rsqrt(var + eps)).relu_()

@@ -1,16 +1,16 @@
 """CPU kernels against plain PyTorch or scipy in float64: the in-place norm, the training
-norm, channels-last pooling (and its gradient), the oneDNN convolution operator and warping by
-row gathers."""
+norm, channels-last pooling (and its gradient), bf16 convolutions and warping by row gathers."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import map_coordinates
 
-import models.cpu_kernels as cpu_kernels
-from models.cpu_kernels import (avg_pool2_channels_last, channels_last, instance_norm_relu_,
-                                instance_norm_relu_channels_last, onednn_conv3d, onednn_conv3d_bf16, warp_by_gather,
+import models.kernels.ops as ops
+from models.kernels.ops import (avg_pool2_channels_last, channels_last, instance_norm_relu_,
+                                instance_norm_relu_channels_last, onednn_conv3d_bf16, warp_by_gather,
                                 warp_by_gather_with_grad)
+from tests.helpers import needs_native_bf16
 from utils.spatial import warp
 
 CL = torch.channels_last_3d
@@ -38,18 +38,19 @@ def test_channels_last_pooling_matches_avg_pool3d_in_float64():
 
 
 @pytest.mark.parametrize("channels", [1, 5, 16])
-def test_channels_last_pooling_in_float32_and_bf16_against_float64(channels):
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_native_bf16)])
+def test_channels_last_pooling_in_float32_and_bf16_against_float64(channels, dtype):
     x = torch.randn(2, channels, 10, 8, 6, dtype=torch.float64) * 3 + 1
-    for dtype in (torch.float32, torch.bfloat16):
-        low = x.to(dtype)
-        ref = F.avg_pool3d(low.double(), 2)                    # the exact mean of the inputs as given
-        out = avg_pool2_channels_last(channels_last(low))
-        assert out.dtype == dtype and out.shape == ref.shape
-        assert out.is_contiguous(memory_format=torch.channels_last_3d)
-        if dtype == torch.float32:
-            assert torch.allclose(out.double(), ref, atol=1e-6)
-        else:                                                  # float32 sums, rounded once to bf16
-            assert torch.equal(out, ref.to(dtype))
+    low = x.to(dtype)
+    ref = F.avg_pool3d(low.double(), 2)                    # the exact mean of the inputs as given
+    out = avg_pool2_channels_last(channels_last(low))
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    if dtype == torch.float32:
+        assert torch.allclose(out.double(), ref, atol=1e-6)
+    else:                                                  # float32 sums, rounded once to bf16
+        assert torch.equal(out, ref.to(dtype))
+
 
 def _float64_norm_relu_and_gradient(x: torch.Tensor, grad: torch.Tensor):
     ref_x = x.detach().to(torch.float64, copy=True).requires_grad_(True)
@@ -107,34 +108,6 @@ def test_channels_last_pooling_gradient_matches_float64():
         assert torch.allclose(inp.grad.double(), ref_x.grad, atol=1e-6)
 
 
-def test_onednn_operator_passes_torch_opcheck():
-    # schema, fake (shape-only) kernel, autograd registration: what torch.compile relies on
-    torch.manual_seed(0)
-    x = torch.randn(1, 3, 6, 7, 5, requires_grad=True)
-    w = torch.randn(4, 3, 3, 3, 3, requires_grad=True)
-    b = torch.randn(4, requires_grad=True)
-    for args in ((x, w, b, [1, 1, 1], [1, 1, 1], [1, 1, 1], 1), (x, w, None, [0, 1, 2], [2, 1, 1], [1, 1, 1], 1)):
-        torch.library.opcheck(onednn_conv3d, args)
-
-
-def test_onednn_operator_matches_conv3d_in_float64_forward_and_backward():
-    torch.manual_seed(0)
-    x = torch.randn(1, 6, 8, 9, 7, requires_grad=True)
-    w = torch.randn(4, 3, 3, 3, 3, requires_grad=True)           # groups 2
-    b = torch.randn(4, requires_grad=True)
-    y = onednn_conv3d(x.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3), w, b,
-                      [1, 0, 1], [1, 2, 1], [1, 1, 2], 2)          # answered channels-last, as its fake kernel says
-    assert y.is_contiguous(memory_format=torch.channels_last_3d)
-    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
-    ref = F.conv3d(x64, w64, b64, stride=(1, 2, 1), padding=(1, 0, 1), dilation=(1, 1, 2), groups=2)
-    assert y.shape == ref.shape and torch.allclose(y.double(), ref, atol=1e-4)
-    g = torch.randn(ref.shape, dtype=torch.float64)
-    grads = torch.autograd.grad((y.double() * g).sum(), (x, w, b))
-    refs = torch.autograd.grad((ref * g).sum(), (x64, w64, b64))
-    for got, want in zip(grads, refs):
-        assert torch.allclose(got.double(), want, atol=1e-4)
-
-
 def _scipy_warp(features: torch.Tensor, u: torch.Tensor) -> np.ndarray:
     """out(x) = features(x + u(x)), trilinear, zero outside the volume: scipy in float64."""
     f, d = features.double().numpy(), u.double().numpy()
@@ -157,7 +130,7 @@ def _field_partly_outside(shape, seed):
 
 @pytest.mark.parametrize("chunk", [1 << 16, 7])
 def test_warp_by_gather_matches_scipy_in_float32(chunk, monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "_GATHER_CHUNK", chunk)       # 7: one slice per chunk
+    monkeypatch.setattr(ops, "_GATHER_CHUNK", chunk)       # 7: one slice per chunk
     shape = (5, 7, 6)
     features = torch.randn(2, 3, *shape, generator=torch.Generator().manual_seed(1))
     u = _field_partly_outside(shape, 2)
@@ -229,6 +202,7 @@ def test_training_gather_warp_matches_grid_sample_in_float64_values_and_both_gra
     assert u64.grad[:, 0].abs().max() > 0 and u64.grad[:, 2].abs().max() > 0     # every axis exercised
 
 
+@needs_native_bf16
 @pytest.mark.parametrize("channels", [1, 3, 5])
 def test_bf16_convolution_of_few_channels_matches_float64(channels):
     """Inputs with fewer than 4 channels get zero channels added (a faster oneDNN kernel): the
