@@ -20,7 +20,8 @@ from pathlib import Path
 
 from engine.assembly import assemble_run
 from engine.infer import infer
-from engine.runtime import progress_setting
+from engine import process
+from engine.runtime import progress_setting, resolve_device
 from engine.train import Trainer
 from models.registry import DEFAULT_MODEL, MODELS
 from utils.config import RunConfig
@@ -82,12 +83,14 @@ def main(argv=None) -> int:
     run = demo_run(args)
     print(f"training {run.model.arch} (widths {run.model.widths}) for {args.minutes:g} min on {run.device}")
     progress = progress_setting(args)
+    process.for_training(resolve_device(run.device), run.model.grad_checkpointing)
     try:
         trainer = Trainer(run, progress=progress, overwrite=args.overwrite)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     trainer.fit()
+    process.for_inference()
     result = infer(run, None, model=trainer.model, index=trainer.index, progress=progress, figures=True,
                    train_log=trainer.dir / "train_log.csv", overwrite=args.overwrite)
     print()

@@ -17,14 +17,15 @@ import sys
 
 from engine.cli import EXIT_BAD_INPUT, add_io_arguments, io_settings
 from engine.register import PairFiles, read_pairs_csv, register_files
-from engine.runtime import prefer_huge_pages, progress_setting
+from engine import process
+from engine.runtime import progress_setting
 from utils.affine import AFFINE_KINDS, ALIGNMENT_METRICS, AlignmentSettings
 from utils.checkpoint import CheckpointError
 from utils.io import DataError
 
 
 def main(argv=None) -> int:
-    prefer_huge_pages()           # before the first tensor: PyTorch reads the setting once
+    process.for_inference()       # before the first tensor: PyTorch reads the page setting once
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--moving", help="moving image (NIfTI)")
     p.add_argument("--fixed", help="fixed image (NIfTI); outputs take its grid")

@@ -13,11 +13,10 @@ the meta device (shapes only).
 
 With ``--compile`` each size is measured twice, eager and compiled (``torch.compile``,
 fixed shapes); the first compiled call (compilation included) is reported apart.
-With ``--plain-path`` each size is also measured on the network's plain path, the one
-training takes: both images encoded as one batch, concatenated inputs, out-of-place
-InstanceNorm+ReLU, attention over the whole volume at once; run with gradients enabled
-but no parameter requiring one, so no graph is recorded. Same weights, same field: the
-ratio to the default (optimised) row is the gain of the inference path, in one run.
+With ``--reference`` each size is also measured on the reference network
+(``PLCREG_KERNELS=reference``: plain PyTorch layers, both images encoded as one batch,
+concatenated inputs, attention over the whole volume at once). Same weights, same field: the
+ratio to the default row is the gain of the CPU kernels, in one run.
 With ``--profile N`` each row also runs one pass under the PyTorch profiler and prints the N
 operators that take the most time (grouped by input shapes), for finding the next bottleneck,
 and the pass's time by the grid each operator works on (full size, half size, smaller, or no
@@ -58,9 +57,9 @@ def measure(args) -> dict:
     from models.plcreg import padded_size
     from utils.config import ModelConfig
 
-    from engine.runtime import limit_heap_retention, prefer_huge_pages
-    if not args.small_pages:
-        prefer_huge_pages()               # as Infer_*.py and register.py do, before the first tensor
+    from engine.process import limit_heap_retention, prefer_huge_pages
+    if args.huge_pages:
+        prefer_huge_pages()               # as the scripts do with PLCREG_HUGE_PAGES=1, before the first tensor
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if not args.plain_heap:
@@ -78,12 +77,11 @@ def measure(args) -> dict:
         from engine.runtime import compile_model
         compile_model(model)
 
-    if args.plain:
-        model.requires_grad_(False)
+    from models.backend import use_kernels
+    kernels = "reference" if args.plain else "auto"
 
     def run():
-        mode = torch.enable_grad() if args.plain else torch.inference_mode()
-        with mode, autocast(device, dtype):
+        with torch.inference_mode(), use_kernels(kernels), autocast(device, dtype):
             u = model(moving, fixed)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -103,7 +101,7 @@ def measure(args) -> dict:
         gmacs = counter.get_total_flops() / 2e9
     return {"size": "x".join(map(str, size)), "device": device.type, "threads": args.threads,
             "amp": precision_name(dtype) + (", compiled" if args.compiled else "")
-            + (", plain path" if args.plain else "") + (", released-compatible" if args.compat else ""),
+            + (", reference" if args.plain else "") + (", released-compatible" if args.compat else ""),
             "first_call_s": m["first_s"] if args.compiled else float("nan"), "params_M": params / 1e6,
             "gmacs": gmacs, "median_s": statistics.median(m["times"]), "min_s": min(m["times"]),
             "peak_mib": m["peak_mib"],
@@ -186,15 +184,15 @@ def main(argv=None):
     p.add_argument("--amp", action="store_true", help="also measure mixed precision (bf16 on CPUs with native bf16 "
                                                       "and on GPUs that have it, else fp16 on GPUs)")
     p.add_argument("--compile", action="store_true", help="also measure the network under torch.compile")
-    p.add_argument("--plain-path", action="store_true", help="also measure the plain (training) path without autograd")
+    p.add_argument("--reference", action="store_true", help="also measure the reference network (no CPU kernels)")
     p.add_argument("--released-compat", action="store_true",
                    help="also measure the released-compatible network (model.released_compat)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also profile one pass and print the N operators with the most time")
     p.add_argument("--no-flops", dest="flops", action="store_false")
     p.add_argument("--plain-heap", action="store_true", help="leave glibc's malloc settings alone")
-    p.add_argument("--small-pages", action="store_true",
-                   help="do not ask for transparent huge pages (engine.runtime.prefer_huge_pages)")
+    p.add_argument("--huge-pages", action="store_true",
+                   help="ask for transparent huge pages (engine.process.prefer_huge_pages), as PLCREG_HUGE_PAGES=1 does")
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     p.add_argument("--label", default="", help="heading for RESULTS.md")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -210,14 +208,14 @@ def main(argv=None):
     rows = []
     variants = [(amp, compiled, False, False) for compiled in ([False, True] if args.compile else [False])
                 for amp in ([False, True] if args.amp else [False])]
-    variants += [(False, False, True, False)] if args.plain_path else []
+    variants += [(False, False, True, False)] if args.reference else []
     variants += [(False, False, False, True)] if args.released_compat else []
     for size in args.sizes:
         for amp, compiled, plain, compat in variants:
             child = ["--size", size, "--device", args.device, "--threads", str(args.threads), "--runs", str(args.runs),
                      "--warmup", str(args.warmup), "--window", *map(str, args.window), "--widths", *map(str, args.widths)]
             child += (["--amp"] if amp else []) + ([] if args.flops else ["--no-flops"]) \
-                + (["--plain-heap"] if args.plain_heap else []) + (["--small-pages"] if args.small_pages else []) \
+                + (["--plain-heap"] if args.plain_heap else []) + (["--huge-pages"] if args.huge_pages else []) \
                 + (["--compiled"] if compiled else []) + (["--plain"] if plain else []) \
                 + (["--compat"] if compat else []) + (["--profile", str(args.profile)] if args.profile else [])
             rows.append(measure_in_child(__file__, child, size))

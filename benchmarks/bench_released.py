@@ -27,9 +27,10 @@ def measure(args) -> dict:
     """In the child: one network, one size."""
     import torch
 
-    from engine.runtime import amp_dtype, autocast, prefer_huge_pages
+    from engine import process
+    from engine.runtime import amp_dtype, autocast
     if args.which == "ours":
-        prefer_huge_pages()           # as Infer_*.py and register.py do, before the first tensor
+        process.for_inference()       # as Infer_*.py and register.py do, before the first tensor
     torch.set_num_threads(args.threads)
     size = tuple(args.size)
     g = torch.Generator().manual_seed(0)
@@ -38,10 +39,8 @@ def measure(args) -> dict:
         from benchmarks.released_code import released_network
         net, mode = released_network(args.released_code, size).eval(), torch.no_grad
     else:
-        from engine.runtime import limit_heap_retention
         from models import build_model
         from utils.config import ModelConfig
-        limit_heap_retention()
         net, mode = build_model(ModelConfig(window_size=(5, 7, 6))).eval(), torch.inference_mode
 
     dtype = None

@@ -28,7 +28,8 @@ def measure(args) -> dict:
     import torch
 
     from engine.objective import Objective
-    from engine.runtime import amp_dtype, autocast, keeps_training_heap, reuse_heap_memory
+    from engine.process import keeps_training_heap, reuse_heap_memory
+    from engine.runtime import amp_dtype, autocast
     from models import build_model
     from utils.config import ModelConfig, TrainConfig
 

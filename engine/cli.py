@@ -16,7 +16,8 @@ from utils.config import RunConfig
 from utils.io import DataError
 
 from .assembly import assemble_run, checkpoint_dir, default_checkpoint
-from .runtime import prefer_huge_pages, progress_setting
+from . import process
+from .runtime import progress_setting, resolve_device
 
 EXIT_BAD_INPUT = 2
 # --freeze choice -> ModelConfig fields switched on
@@ -142,6 +143,7 @@ def train_main(dataset: str, argv=None) -> int:
         return run
     from . import distributed as ddp
     from .train import Trainer, TrainingDiverged, TrainingInterrupted
+    process.for_training(resolve_device(run.device), run.model.grad_checkpointing)
     trainer = None
     try:
         trainer = Trainer(run, resume=args.resume, overwrite=args.overwrite, init_from=args.init_from,
@@ -170,7 +172,7 @@ def train_main(dataset: str, argv=None) -> int:
 
 
 def infer_main(dataset: str, argv=None) -> int:
-    prefer_huge_pages()           # before the first tensor: PyTorch reads the setting once
+    process.for_inference()       # before the first tensor: PyTorch reads the page setting once
     args, run = _parse(dataset, argv, training=False)
     if args is None:
         return run

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models import display_name, load_model
+from models import PLCReg, display_name, load_model
+from models.backend import backend_name
 from utils.config import RunConfig
 from utils.datasets import DatasetIndex, VolumeCache, discover
 from utils.io import DataError, atomic_write, ensure_dir, save_like
@@ -33,7 +34,7 @@ from .evaluate import evaluate_pair, format_summary_table, label_dice, summarise
 from .instance_opt import io_similarity, refine_for_run
 from .pipeline import BackgroundWriter, prefetched
 from .report import inference_figures
-from .runtime import (amp_dtype, autocast, bar_disabled, compile_model, limit_heap_retention, precision_name,
+from .runtime import (amp_dtype, autocast, bar_disabled, compile_model, precision_name,
                       provenance, resolve_device, synchronize)
 
 
@@ -115,7 +116,6 @@ def infer(run: RunConfig, checkpoint, *, save_nifti: bool = False, progress: boo
         raise DataError(f"{finished.folder}: holds {finished.count()} finished pair(s) of a stopped run; continue "
                         f"it with --resume, or start again with --overwrite")
     ddp.barrier(ctx)                                   # every rank has looked before anything is written
-    limit_heap_retention()
     if no_network(checkpoint):
         if not run.eval.io_steps:
             raise ValueError("checkpoint 'none' registers by instance optimisation alone: set io_steps > 0")
@@ -172,9 +172,10 @@ def infer(run: RunConfig, checkpoint, *, save_nifti: bool = False, progress: boo
     by_case = {**done, **{r["case"]: r for part in gathered for r in part}}
     rows = [by_case[p.name] for p in pairs]
     summary = summarise(rows)
-    precision = precision_name(amp_dtype(device, run.eval.amp)) if model is not None else "fp32"
+    amp = amp_dtype(device, run.eval.amp) if model is not None else None
     meta = {"dataset": run.data.name, "checkpoint": str(checkpoint) if checkpoint else None, **provenance(device),
-            "precision": precision, "ranks": ctx.world_size, "resumed_pairs": len(done),
+            "precision": precision_name(amp), "kernels": backend_name(device, amp) if isinstance(model, PLCReg) else None,
+            "ranks": ctx.world_size, "resumed_pairs": len(done),
             "label_interpolation": run.eval.label_interpolation,
             "hd95_units": "mm" if run.eval.hd95_spacing else "voxels", "config": run.to_dict(),
             "model_config": model.config.to_dict() if model is not None else None,
@@ -191,8 +192,8 @@ def infer(run: RunConfig, checkpoint, *, save_nifti: bool = False, progress: boo
         if claimed is not None:
             claimed.finish(log=print)
     method = display_name(model.config.arch) if model is not None else "no network"
-    if precision != "fp32":
-        method += f" in {precision}"
+    if amp is not None:
+        method += f" in {precision_name(amp)}"
     if run.eval.io_steps:
         method += f" + {run.eval.io_steps} IO steps"
     ranks = f", {ctx.world_size} ranks" if ctx.distributed else ""

@@ -23,7 +23,6 @@ import torch
 from tqdm import tqdm
 
 from models import load_model
-from models.plcreg import padded_size
 from utils.config import RunConfig
 from utils.datasets import normalise, volume_tensor
 from utils.affine import AFFINE_KINDS, AlignmentSettings, align_volumes
@@ -38,7 +37,7 @@ from .evaluate import evaluate_pair, format_summary_table, mean_dice, summarise,
 from .exports import composed_voxel_displacement, write_l2r
 from .infer import no_network, register_tensors, save_pair_outputs
 from .pipeline import prefetched
-from .runtime import bar_disabled, limit_heap_retention, provenance, resolve_device
+from .runtime import bar_disabled, provenance, resolve_device
 
 PAIR_COLUMNS = ("moving", "fixed", "moving_label", "fixed_label", "name")
 EXPORTS = ("itk", "l2r")
@@ -192,7 +191,6 @@ def register_files(pairs: list[PairFiles], checkpoint, out_dir, *, run: RunConfi
         raise ValueError(f"--affine {alignment}: expected one of {', '.join(AFFINE_KINDS)}")
     folder = ResultFolder.claim(out_dir, overwrite)
     device = resolve_device(device)
-    limit_heap_retention()
     model, ckpt = (None, None) if no_network(checkpoint) else load_model(checkpoint)
     run = run or run_config_of(ckpt)
     for key, value in (io_settings or {}).items():
@@ -209,8 +207,8 @@ def register_files(pairs: list[PairFiles], checkpoint, out_dir, *, run: RunConfi
                         run.eval.background)
     for files, p in tqdm(loaded, total=len(pairs), desc="registration", disable=bar_disabled(progress)):
         shape = p["fixed"].shape
-        if model is not None and padded_size(shape) != tuple(shape):
-            p["notes"].append(f"network input zero-padded from {shape} to {padded_size(shape)}, field cropped back")
+        if model is not None and model.input_size(shape) != tuple(shape):
+            p["notes"].append(f"network input zero-padded from {shape} to {model.input_size(shape)}, field cropped back")
         for note in p["notes"]:
             log(f"{files.case}: {note}")
         as_tensor = lambda a: volume_tensor(a, device)  # noqa: E731

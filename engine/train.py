@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models import build_model, load_weights, read_weights
+from models.backend import backend_name
 from utils.checkpoint import CheckpointError, CheckpointKeeper, checkpoint_dict, read_checkpoint
 from utils.config import RunConfig
 from utils.datasets import DatasetIndex, VolumeCache, cache_capacity, discover
@@ -42,8 +43,7 @@ from . import distributed as ddp
 from .assembly import checkpoint_dir
 from .evaluate import write_text
 from .objective import Objective
-from .runtime import (amp_dtype, autocast, bar_disabled, package_versions, provenance, resolve_device,
-                      keeps_training_heap, reuse_heap_memory, seed_everything)
+from .runtime import amp_dtype, autocast, bar_disabled, package_versions, provenance, resolve_device, seed_everything
 
 LOG_COLUMNS = ["epoch", "steps", "loss", "sim", "reg", "dice_loss", "val_dice", "skipped", "seconds", "elapsed",
                "lr", "resolution"]
@@ -117,8 +117,6 @@ class Trainer:
         self.run, self.progress = run, progress
         tc = run.train
         self.ctx, self.device = ddp.setup(resolve_device(run.device))
-        if keeps_training_heap(self.device, run.model.grad_checkpointing):
-            reuse_heap_memory()     # the same large tensors every step: reused, not faulted in afresh
         self.dir = checkpoint_dir(run)
         self.keeper = CheckpointKeeper(self.dir, tc.keep_top_k)
         if self.ctx.is_main:      # before any data is read: a busy or occupied folder stops the run at once
@@ -170,7 +168,8 @@ class Trainer:
         self.log = _read_log(self.dir / "train_log.csv", self.epoch) if self.ctx.is_main else []
         if self.ctx.is_main:
             write_text(self.dir / "config.json", json.dumps(
-                {"run": run.to_dict(), **provenance(self.device), "world_size": self.ctx.world_size}, indent=2))
+                {"run": run.to_dict(), **provenance(self.device), "world_size": self.ctx.world_size,
+                 "kernels": backend_name(self.device, self.amp, training=True)}, indent=2))
 
     @property
     def best(self) -> float:

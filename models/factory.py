@@ -1,12 +1,16 @@
 """Build the network from a config, and rebuild it from a checkpoint alone."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch.nn as nn
 
-from utils.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from utils.checkpoint import (CheckpointError, as_checkpoint, checkpoint_dict, load_weights_only, read_checkpoint,
+                              save_checkpoint)
 from utils.config import ModelConfig, architecture_fields
 
 from .plcreg import PLCReg
+from .released import convert_released_state, infer_config, is_released_state, released_state_dict
 from .registry import model_entry
 
 
@@ -54,8 +58,6 @@ def read_weights(path, config: ModelConfig | None = None) -> dict:
     """A checkpoint dict from our format or, converted on the fly, from the released code's
     (``models.released``; its window and ALS range, which the file does not hold, are taken
     from ``config``). Nothing in the file is executed."""
-    from utils.checkpoint import as_checkpoint, load_weights_only
-    from .released import is_released_state, load_released
     obj = load_weights_only(path)
     if not is_released_state(obj):
         return as_checkpoint(obj, path)
@@ -81,3 +83,25 @@ def load_model(path, map_location="cpu", **overrides) -> tuple[PLCReg, dict]:
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: model configuration cannot be built ({exc})") from exc
     return load_weights(model, ckpt, str(path)), ckpt
+
+
+def load_released(path, window_size=(5, 7, 6), alpha: float = 15.0, obj=None) -> tuple[dict, list[str]]:
+    """A released checkpoint file as our checkpoint dict (in memory), and the dropped keys.
+    Read with ``weights_only`` (nothing in the file is executed), unless its content ``obj``
+    was already read."""
+    if obj is None:
+        obj = load_weights_only(path, what="released checkpoint")
+    state = released_state_dict(obj, str(path))
+    config = infer_config(state, window_size, alpha)
+    ours, dropped = convert_released_state(state, build_model(config), str(path))
+    extra = {k: obj[k] for k in ("epoch",) if isinstance(obj, dict) and isinstance(obj.get(k), (int, float))}
+    return checkpoint_dict(config.to_dict(), ours, converted_from=str(path), dropped_released_keys=dropped,
+                           **extra), dropped
+
+
+def convert_released(src, dst, window_size=(5, 7, 6), alpha: float = 15.0) -> tuple[Path, list[str]]:
+    """Convert a released checkpoint file into our format at ``dst`` (written atomically)."""
+    ckpt, dropped = load_released(src, window_size, alpha)
+    model_config, model = ckpt.pop("model_config"), ckpt.pop("model")
+    ckpt.pop("format")
+    return save_checkpoint(dst, model_config, model, **ckpt), dropped

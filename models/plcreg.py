@@ -171,9 +171,13 @@ class PLCReg(nn.Module):
             raise ValueError(f"PLCReg: moving and fixed must have the same shape, got "
                              f"{tuple(moving.shape)} and {tuple(fixed.shape)}")
 
+    def input_size(self, size: Sequence[int]) -> tuple[int, ...]:
+        """The grid the network computes on for inputs of ``size`` (padded, field cropped back)."""
+        return padded_size(size)
+
     def checkpointed(self) -> bool:
         """Whether each estimator level recomputes its activations in the backward pass."""
-        return self.config.grad_checkpointing and self.training and torch.is_grad_enabled()
+        return self.config.grad_checkpointing and self.training
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor, return_levels: bool = False):
         self._check_inputs(moving, fixed)

@@ -25,12 +25,12 @@ Released name (level l = 1..5)                           -> ours
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn as nn
 
-from utils.checkpoint import CheckpointError, checkpoint_dict, load_weights_only, save_checkpoint
+from utils.checkpoint import CheckpointError
 from utils.config import ModelConfig
 
 N_LEVELS = 5
@@ -128,13 +128,12 @@ def infer_config(state: dict[str, torch.Tensor], window_size=(5, 7, 6), alpha: f
                        released_compat=True)
 
 
-def convert_released_state(state: dict[str, torch.Tensor], config: ModelConfig,
+def convert_released_state(state: dict[str, torch.Tensor], target: nn.Module,
                            source: str = "checkpoint") -> tuple[dict[str, torch.Tensor], list[str]]:
-    """(our state dict, dropped released keys). CheckpointError on a missing or unexpected key
-    or a shape that does not fit ``config``'s network."""
-    from .factory import build_model
-
-    table = released_name_table(config.attention_levels)
+    """(our state dict for the network ``target``, dropped released keys), as timm's checkpoint
+    filters take the model they fill. CheckpointError on a missing or unexpected key or a shape
+    that does not fit ``target``."""
+    table = released_name_table(target.config.attention_levels)
     dropped = sorted(k for k in state if UNUSED.match(k))
     missing = sorted(set(table) - set(state))
     unexpected = sorted(set(state) - set(table) - set(dropped))
@@ -142,7 +141,7 @@ def convert_released_state(state: dict[str, torch.Tensor], config: ModelConfig,
         raise CheckpointError(f"{source}: does not match the released network (missing {missing[:6]}"
                               f"{' ...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
                               f"{' ...' if len(unexpected) > 6 else ''})")
-    own = build_model(config).state_dict()
+    own = target.state_dict()
     out, wrong = {}, []
     for name, (ours, reshape) in table.items():
         t = state[name]
@@ -161,27 +160,5 @@ def convert_released_state(state: dict[str, torch.Tensor], config: ModelConfig,
     return out, dropped
 
 
-def load_released(path, window_size=(5, 7, 6), alpha: float = 15.0, obj=None) -> tuple[dict, list[str]]:
-    """A released checkpoint file as our checkpoint dict (in memory), and the dropped keys.
-    Read with ``weights_only`` (nothing in the file is executed), unless its content ``obj``
-    was already read."""
-    if obj is None:
-        obj = load_weights_only(path, what="released checkpoint")
-    state = released_state_dict(obj, str(path))
-    config = infer_config(state, window_size, alpha)
-    ours, dropped = convert_released_state(state, config, str(path))
-    extra = {k: obj[k] for k in ("epoch",) if isinstance(obj, dict) and isinstance(obj.get(k), (int, float))}
-    return checkpoint_dict(config.to_dict(), ours, converted_from=str(path), dropped_released_keys=dropped,
-                           **extra), dropped
-
-
-def convert_released(src, dst, window_size=(5, 7, 6), alpha: float = 15.0) -> tuple[Path, list[str]]:
-    """Convert a released checkpoint file into our format at ``dst`` (written atomically)."""
-    ckpt, dropped = load_released(src, window_size, alpha)
-    model_config, model = ckpt.pop("model_config"), ckpt.pop("model")
-    ckpt.pop("format")
-    return save_checkpoint(dst, model_config, model, **ckpt), dropped
-
-
 __all__ = ["released_name_table", "released_state_dict", "is_released_state", "infer_config",
-           "convert_released_state", "load_released", "convert_released"]
+           "convert_released_state"]

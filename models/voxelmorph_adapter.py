@@ -47,13 +47,17 @@ class VoxelMorphNet(nn.Module):
         if frozen:
             raise ValueError("freeze_encoder applies to PLCReg only")
 
+    def input_size(self, size) -> tuple[int, ...]:
+        """The grid the U-Net computes on for inputs of ``size`` (padded, field cropped back)."""
+        m = 2 ** len(self.config.widths)
+        return tuple(int(n) + (-int(n) % m) for n in size)
+
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         if moving.ndim != 5 or moving.shape != fixed.shape:
             raise ValueError(f"VoxelMorphNet: moving and fixed must be (B, C, D, H, W) of one shape, got "
                              f"{tuple(moving.shape)} and {tuple(fixed.shape)}")
         size = moving.shape[2:]
-        m = 2 ** len(self.config.widths)
-        target = [n + (-n % m) for n in size]
+        target = self.input_size(size)
         moving, fixed = pad_far_end(moving, target), pad_far_end(fixed, target)
         u = self.net(moving, fixed, return_field_type="displacement")
         return u[:, :, :size[0], :size[1], :size[2]]

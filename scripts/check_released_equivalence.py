@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     state = {k: v.clone() for k, v in net.state_dict().items()}
     config = infer_config(state)
     ours = build_model(config).eval()
-    converted, dropped = convert_released_state(state, config)
+    converted, dropped = convert_released_state(state, ours)
     ours.load_state_dict(converted, strict=True)
     moving, fixed = torch.rand(1, 1, *args.size), torch.rand(1, 1, *args.size)
     print(f"released parameters {sum(t.numel() for t in state.values()):,}, ours "

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.released import convert_released  # noqa: E402
+from models.factory import convert_released  # noqa: E402
 from utils.checkpoint import CheckpointError  # noqa: E402
 from utils.io import DataError  # noqa: E402
 

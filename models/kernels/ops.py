@@ -40,13 +40,10 @@ def _convolution_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Ten
 
 def avg_pool2_channels_last(x: torch.Tensor) -> torch.Tensor:
     """``F.avg_pool3d(x, 2)`` for a channels-last (B, C, D, H, W) with even D, H, W, answered
-    channels-last. PyTorch's CPU kernel would copy a channels-last input to contiguous first
-    (4x slower at full resolution; no bf16 kernel at all). Float32 and bf16 go through oneDNN
-    as a depthwise convolution of stride 2 with taps 1/8: sums in float32, one rounding (the
-    exact mean rounded once in bf16), 16 channels at full size 22 ms in bf16 and 50 ms in
-    float32 against 134 and 184 ms for pairwise sums. Other dtypes, and traced code, take
-    three pairwise sums over the (B, D, H, W, C) view. With autograd the gradient is spread
-    back by one broadcast copy (oneDNN's depthwise backward is several times slower)."""
+    channels-last (PyTorch's kernel would copy it to contiguous first, and has no bf16 kernel).
+    Float32 and bf16 go through oneDNN as a depthwise stride-2 convolution with taps 1/8
+    (float32 sums, one rounding); other dtypes take three pairwise sums. With autograd the
+    gradient is spread back by one broadcast copy."""
     if torch.is_grad_enabled() and x.requires_grad:
         return _AvgPool2ChannelsLast.apply(x)
     return _avg_pool2_channels_last(x)
@@ -96,7 +93,7 @@ def onednn_conv3d_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return channels_last(y)
 
 
-_MIN_BF16_CHANNELS = 4      # fewer input channels: oneDNN's bf16 kernels are up to 1.5x slower at full size
+_MIN_BF16_CHANNELS = 4      # with fewer input channels oneDNN's bf16 kernels are slower
 
 
 def _zero_channels(x: torch.Tensor, weight: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,11 +136,9 @@ def _voxels_by_channels(x: torch.Tensor) -> torch.Tensor | None:
 
 def _sum_over_voxels(f: torch.Tensor, squares: bool = False) -> torch.Tensor:
     """Per-channel sum (of squares) of f (B, N, C) in float64 (B, C): float32 sums within
-    blocks of ``_STAT_BLOCK`` voxels (and the remainder), float64 across them.
-
-    Sums of squares of channels-last float data are the diagonals of the blocks' Gram matrices
-    (one matrix product per block): 0.6-0.7x the time of ``vector_norm`` over the blocks at
-    16-128 channels, and more accurate (its float32 sums are blocked inside the product)."""
+    blocks of ``_STAT_BLOCK`` voxels (and the remainder), float64 across them. Sums of squares
+    of channels-last float data are the diagonals of the blocks' Gram matrices (one matrix
+    product per block: faster than ``vector_norm`` and more accurate)."""
     gram = squares and f.stride(-1) == 1 and f.dtype in (torch.float32, torch.float64)
 
     def part(t: torch.Tensor, dim: int) -> torch.Tensor:       # block sums accumulate in float32 at least
@@ -165,9 +160,8 @@ def _sum_over_voxels(f: torch.Tensor, squares: bool = False) -> torch.Tensor:
 def _instance_norm_relu_bf16(x: torch.Tensor, eps: float) -> torch.Tensor:
     """bf16 (B, C, D, H, W) in place, one sample at a time: PyTorch's fused batch norm in
     training mode over a single sample is the instance norm; its bf16 kernel gathers the
-    statistics in float32 in one pass over the channels-last data (no float32 copy of the
-    features: about 4x faster than block sums at full size), then writes each value where
-    it read it (its ``out=`` form given the input: no new full-size tensor)."""
+    statistics in float32 in one pass over the channels-last data (no float32 copy) and, given
+    its input as ``out``, writes each value where it read it."""
     mean, invstd = x.new_empty(x.shape[1]), x.new_empty(x.shape[1])
     for b in range(x.shape[0]):
         sample = x[b:b + 1]
@@ -234,11 +228,10 @@ class _InstanceNormReLUFloat32(torch.autograd.Function):
 
 def instance_norm_relu_channels_last(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """ReLU(InstanceNorm(x)) (no affine) of a channels-last (B, C, D, H, W) tensor with autograd,
-    answered channels-last. ``F.instance_norm`` makes its input contiguous first (a full-size
-    copy, and every later layer in oneDNN's slower layout). In bf16, PyTorch's batch norm of one
-    sample with batch statistics (the same function, computed in channels-last); its float32
-    channels-last kernel sums in one float32 pass (errors near 1e-5 of the std, 1e-4 with a
-    large mean), so float32 takes block sums (:class:`_InstanceNormReLUFloat32`) instead."""
+    answered channels-last (``F.instance_norm`` would copy it to contiguous). In bf16, PyTorch's
+    batch norm of one sample with batch statistics; in float32 block sums
+    (:class:`_InstanceNormReLUFloat32`), as that kernel's one-pass float32 sums lose accuracy
+    on channels with a large mean."""
     if x.dtype == torch.float32:
         return _InstanceNormReLUFloat32.apply(x, eps)
     if x.shape[0] == 1:
@@ -269,10 +262,9 @@ class _Float32ConvOfLowPrecision(torch.autograd.Function):
 def float32_conv3d_saving_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding,
                                 stride, dilation, groups: int) -> torch.Tensor:
     """``F.conv3d(x.float(), weight, bias, ...)`` through oneDNN for a bf16 (or fp16) ``x`` on the
-    CPU, whose backward makes the float32 copy again instead of keeping it: for the flow heads
-    under CPU autocast, which compute in float32 from the level's bf16 features (at full size
-    the two heads of level 1 kept 2 x 440 MB of float32 copies until their backward). The
-    input's gradient comes back in its dtype. x: (B, C_in, D, H, W); float32 weight and bias."""
+    CPU, whose backward makes the float32 copy again instead of keeping it (the flow heads
+    under CPU autocast: a float32 copy of full-size features held until the backward pass).
+    The input's gradient comes back in its dtype. x: (B, C_in, D, H, W); float32 weight and bias."""
     return _Float32ConvOfLowPrecision.apply(x, weight, bias, padding, stride, dilation, groups)
 
 
@@ -302,11 +294,10 @@ def warp_by_gather(features: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
     features: (B, C, D, H, W); u: (B, 3, D, H, W) float32 displacement in voxels. Each output
     voxel is a weighted sum of 8 rows of the channels-last (voxels, C) table, which
-    ``F.embedding_bag`` computes in one pass (float32 accumulation): several times faster than
-    ``grid_sample`` on 16 channels at full size, and no float32 copy of bf16 features.
-    Sampling coordinates and weights are float32; for bf16 features each weight is passed
-    as the sum of two bf16 numbers (the second the first's rounding error), so the weights
-    hold 16 significant bits and the only bf16 rounding left is the output's.
+    ``F.embedding_bag`` computes in one pass (float32 accumulation): faster than
+    ``grid_sample``, and no float32 copy of bf16 features. For bf16 features each weight is
+    passed as the sum of two bf16 numbers (the second the first's rounding error), so the
+    weights hold 16 significant bits and the only bf16 rounding left is the output's.
     """
     if u.dtype != torch.float32:
         raise ValueError(f"warp_by_gather: expected a float32 displacement, got {u.dtype}")
@@ -361,12 +352,10 @@ def warp_by_gather(features: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def _grid_sample_backward_threaded(grad: torch.Tensor, features: torch.Tensor, grid: torch.Tensor,
                                    mask: list[bool]):
-    """``aten.grid_sampler_3d_backward`` (trilinear, zero padding, aligned corners) on all threads.
-
-    PyTorch's CPU kernel shares out the batch, so a batch of one runs on one thread; here the
-    output slabs along D become a batch of ``t`` (the features broadcast, not copied), and the
-    ``t`` partial feature gradients are summed (at 80x96x80, 16 channels, two threads: 0.54x
-    the time). grad (1, C, D, H, W), features (1, C, d, h, w), grid (1, D, H, W, 3)."""
+    """``aten.grid_sampler_3d_backward`` (trilinear, zero padding, aligned corners) on all threads:
+    PyTorch's CPU kernel shares out only the batch, so the output slabs along D become a batch
+    of ``t`` (the features broadcast, not copied), and the ``t`` partial feature gradients are
+    summed. grad (1, C, D, H, W), features (1, C, d, h, w), grid (1, D, H, W, 3)."""
     threads, depth = torch.get_num_threads(), grid.shape[1]
     t = max(n for n in range(1, threads + 1) if depth % n == 0) if features.shape[0] == 1 else 1
     if t == 1:
@@ -409,8 +398,8 @@ class _GatherWarpFloat32(torch.autograd.Function):
 
 def warp_by_gather_with_grad(features: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``utils.spatial.warp(features, u)`` for CPU training: float32 output (as autocast's
-    ``grid_sample`` gives), computed by ``warp_by_gather`` (3x faster than ``grid_sample`` on 16
-    channels) and differentiable in both arguments, the features' gradient channels-last.
+    ``grid_sample`` gives), computed by ``warp_by_gather`` and differentiable in both
+    arguments, the features' gradient channels-last.
 
     features: (B, C, D, H, W) float32 or bf16 (channels-last for speed); u: (B, 3, D, H, W)
     float32 displacement in voxels. Returns (B, C, D, H, W) float32, channels-last."""

@@ -15,10 +15,10 @@ def _rows(script, *args):
     return [[c.strip() for c in line.strip("|").split("|")] for line in table[2:] if line.startswith("|")]
 
 
-def test_bench_inference_rows_for_the_optimised_and_the_plain_path():
+def test_bench_inference_rows_for_the_kernels_and_the_reference():
     rows = _rows("bench_inference.py", "--sizes", "32x32x32", "--runs", "1", "--warmup", "0",
-                 "--widths", "8", "16", "16", "32", "32", "--window", "2", "2", "2", "--plain-path")
-    assert [r[3] for r in rows] == ["fp32", "fp32, plain path"]
+                 "--widths", "8", "16", "16", "32", "32", "--window", "2", "2", "2", "--reference")
+    assert [r[3] for r in rows] == ["fp32", "fp32, reference"]
     for r in rows:
         assert r[0] == "32x32x32" and r[1] == "cpu" and float(r[6]) > 0 and float(r[8]) > 0
         assert float(r[5]) > 0                                  # GMACs from torch's flop counter

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from engine.cli import infer_main, train_main
+from models.backend import backend_name
 from tests.forked_scripts import run_script
 from tests.layouts import WRITERS, quick_overrides, write_oasis
 from utils.checkpoint import read_checkpoint
@@ -48,7 +49,9 @@ def test_train_then_infer_scripts(dataset, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["label_interpolation"] == "nearest" and summary["summary"]["n_cases"] == 2
     assert "torch" in summary["versions"] and "Infer_" in summary["command"]
-    assert isinstance(summary["huge_pages"], bool)       # the script asked for them before its first tensor
+    assert "huge_pages" not in summary                   # opt-in (PLCREG_HUGE_PAGES=1), not asked for here
+    assert summary["kernels"] == backend_name("cpu")     # which backend ran the network ('cpu-kernels' here)
+    assert json.loads((ck / "config.json").read_text())["kernels"] == backend_name("cpu", training=True)
     # NIfTI outputs carry the fixed image's affine (identity for the pickled IXI set)
     fixed_path = rows[0]["fixed"]
     fixed_affine = nib.load(fixed_path).affine if fixed_path.endswith(".nii.gz") else np.eye(4)

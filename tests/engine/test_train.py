@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import utils.checkpoint as ckpt_mod
+from engine import process
 from engine.train import Trainer, TrainingDiverged, TrainingInterrupted
 from tests.layouts import quick_overrides, write_oasis
 from utils.checkpoint import read_checkpoint
@@ -47,10 +48,13 @@ def test_resume_equals_uninterrupted_run(oasis_root, tmp_path):
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_cpu_trainer_keeps_the_heap_unless_checkpointing(oasis_root, tmp_path, monkeypatch, checkpointing):
+def test_training_entry_point_keeps_the_heap_unless_checkpointing_and_the_trainer_leaves_it(
+        oasis_root, tmp_path, monkeypatch, checkpointing):
     calls = []
-    monkeypatch.setattr("engine.train.reuse_heap_memory", lambda: calls.append(True))
+    monkeypatch.setattr("engine.process.reuse_heap_memory", lambda: calls.append(True))
     Trainer(_run(oasis_root, tmp_path, 1, **{"model.grad_checkpointing": checkpointing}), progress=False)
+    assert calls == []                      # a library call changes no process-wide setting
+    process.for_training(torch.device("cpu"), checkpointing)
     assert calls == ([] if checkpointing else [True])
 
 

@@ -1,14 +1,11 @@
 """The full network: shapes at awkward sizes, gradients, options, checkpoints and real learning."""
 
-import copy
-
 import numpy as np
 import pytest
 import torch
 
 from models import build_model, load_model, save_model
 from models.plcreg import EstimatorLevel
-from models.polaca import PoLaCA
 from engine.runtime import compile_model
 from tests.helpers import synthetic_pair
 from utils.checkpoint import CheckpointError

@@ -8,7 +8,8 @@ from scipy.special import erf
 
 from models import build_model, load_model
 from models.polaca import PoLaCA, PolarityAttention, window_partition, window_reverse, window_reverse_released
-from models.released import convert_released, convert_released_state, infer_config, load_released
+from models.factory import convert_released, load_released
+from models.released import convert_released_state, infer_config
 from tests.helpers import smooth_field, smooth_image
 from tests.released_format import released_state
 from utils.checkpoint import CheckpointError
@@ -167,7 +168,7 @@ def test_released_state_converts_loads_strictly_and_round_trips(tmp_path):
     state = released_state(seed=4)
     config = infer_config(state)
     assert config.released_compat and config.widths == (16, 32, 64, 128, 256) and config.num_heads == 8
-    ours, dropped = convert_released_state(state, config)
+    ours, dropped = convert_released_state(state, build_model(config))
     assert len(dropped) == 24 and all(".norm1." in k or ".norm2." in k or ".norm3." in k for k in dropped)
     model = build_model(config)
     model.load_state_dict(ours, strict=True)
@@ -192,7 +193,7 @@ def test_released_state_refusals_name_the_keys(change, message):
     state = released_state(seed=5)
     change(state)
     with pytest.raises(CheckpointError, match=message):
-        convert_released_state(state, infer_config(released_state(seed=5)))
+        convert_released_state(state, build_model(infer_config(released_state(seed=5))))
 
 
 def test_released_window_must_fit_the_positional_term(tmp_path):
