@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from utils.io import (PLCREG_FIELD_INTENT, DataError, check_affine, ensure_dir, load_volume, read_nifti_arrays,
-                      require_file, save_like)
+                      label_dtype, require_file, save_like)
 from utils.itk import read_itk_affine, voxel_displacement
 from utils.transforms import AffineMap, FieldMap, resample_image, resample_labels
 
@@ -81,7 +81,7 @@ def apply_transforms(input_path, reference_path, transforms, out_path, *, label:
     grid = (reference.array.shape, reference.affine)
     if label:
         out = resample_labels(source.array, source.affine, *grid, chain, label_interpolation, device=device)
-        dtype = np.int16 if out.max() <= np.iinfo(np.int16).max else np.int32
+        dtype = label_dtype(out)
     else:
         out, dtype = resample_image(source.array, source.affine, *grid, chain, device), np.float32
     ensure_dir(out_path.parent)

@@ -78,8 +78,11 @@ def infer_parser(dataset: str) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (the first pair compiles: up to 1.5 minutes on 2 CPU cores)")
     p.add_argument("--figures", action="store_true", help="write figures into <output-dir>/figures")
-    p.add_argument("--l2r-out", help="also write each field as Learn2Reg's disp_<fixed>_<moving>.nii.gz "
-                                     "((D, H, W, 3) voxels on the fixed grid) into this folder")
+    p.add_argument("--l2r-out", help="also write each field in Learn2Reg's format into this folder, named as the "
+                                     "challenge's evaluation looks it up (disp_<fixed>_<fixmod>_<moving>_<movmod>."
+                                     "nii.gz; (D, H, W, 3) voxels on the fixed grid)")
+    p.add_argument("--l2r-fixed-id", help="Learn2Reg id of an atlas whose file name carries none, for --l2r-out "
+                                          "(e.g. 0395 or 0395_0000; default from data.atlas_label)")
     p.add_argument("--resume", action="store_true",
                    help="continue a stopped run in --output-dir: pairs it finished are not registered again")
     add_io_arguments(p)
@@ -117,7 +120,7 @@ def build_run(dataset: str, args, training: bool) -> RunConfig:
                          "checkpoint_dir": args.checkpoint_dir,
                          "eval.label_interpolation": args.label_interpolation,
                          "eval.hd95_spacing": _flag(args, "hd95_mm"), "eval.amp": _flag(args, "amp"),
-                         "eval.compile": _flag(args, "compile"),
+                         "eval.compile": _flag(args, "compile"), "data.l2r_fixed_id": args.l2r_fixed_id,
                          **{f"eval.{k}": v for k, v in io_settings(args).items()}})
     return assemble_run(dataset, model=getattr(args, "model", DEFAULT_MODEL), overrides=args.overrides,
                         settings=settings)

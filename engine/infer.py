@@ -21,7 +21,7 @@ from models import PLCReg, display_name, load_model
 from models.backend import backend_name
 from utils.config import RunConfig
 from utils.datasets import DatasetIndex, VolumeCache, discover
-from utils.io import DataError, atomic_write, ensure_dir, save_like
+from utils.io import DataError, atomic_write, ensure_dir, label_dtype, save_like
 from utils.outputs import ResultFolder
 from utils.spatial import warp
 
@@ -29,7 +29,7 @@ from utils.metrics import jacobian_stats
 
 from . import distributed as ddp
 from .assembly import output_dir
-from .exports import write_l2r
+from .exports import l2r_id, l2r_names, parse_l2r_id, write_l2r
 from .evaluate import evaluate_pair, format_summary_table, label_dice, summarise, write_results
 from .instance_opt import io_similarity, refine_for_run
 from .pipeline import BackgroundWriter, prefetched
@@ -41,13 +41,14 @@ from .runtime import (amp_dtype, autocast, bar_disabled, compile_model, precisio
 def save_pair_outputs(out_dir: Path, name: str, fixed_volume, warped: torch.Tensor, u: torch.Tensor,
                       warped_label: torch.Tensor | None) -> None:
     """``<name>_warped.nii.gz`` (float32), ``<name>_displacement.nii.gz`` (float32, a vector
-    image) and ``<name>_warped_label.nii.gz`` (int16) with the fixed image's geometry.
+    image) and ``<name>_warped_label.nii.gz`` (int16, or wider where a label needs it) with the
+    fixed image's geometry.
     warped: (1, 1, D, H, W); u: (1, 3, D, H, W); warped_label: (1, 1, D, H, W) or None."""
     save_like(warped[0, 0].float().cpu().numpy(), fixed_volume, out_dir / f"{name}_warped.nii.gz", dtype=np.float32)
     save_like(u[0].float().cpu().numpy(), fixed_volume, out_dir / f"{name}_displacement.nii.gz", dtype=np.float32)
     if warped_label is not None:
-        save_like(warped_label[0, 0].cpu().numpy(), fixed_volume, out_dir / f"{name}_warped_label.nii.gz",
-                  dtype=np.int16)
+        labels = warped_label[0, 0].cpu().numpy()
+        save_like(labels, fixed_volume, out_dir / f"{name}_warped_label.nii.gz", dtype=label_dtype(labels))
 
 
 def no_network(checkpoint) -> bool:
@@ -80,6 +81,14 @@ def register_tensors(model, run: RunConfig, moving: torch.Tensor, fixed: torch.T
     return u, info
 
 
+def atlas_l2r_id(data) -> str:
+    """The atlas's Learn2Reg id for ``--l2r-out`` names: ``data.l2r_fixed_id``, else the id in
+    ``data.atlas_label``'s file name, else ''."""
+    if data.l2r_fixed_id:
+        return parse_l2r_id(data.l2r_fixed_id, "data.l2r_fixed_id (--l2r-fixed-id)")
+    return (l2r_id(data.atlas_label) or "") if data.atlas_label else ""
+
+
 def infer(run: RunConfig, checkpoint, *, save_nifti: bool = False, progress: bool | None = None,
           index: DatasetIndex | None = None, model=None, figures: bool = False, train_log=None,
           overwrite: bool = False, l2r_out=None, resume: bool = False) -> dict:
@@ -101,6 +110,7 @@ def infer(run: RunConfig, checkpoint, *, save_nifti: bool = False, progress: boo
     redoing them. Started by ``torchrun --nproc_per_node=N``, the pairs are shared out among
     the ranks and rank 0 writes the merged results.
     """
+    atlas_id = atlas_l2r_id(run.data) if l2r_out else ""      # a bad id refused before anything is claimed
     ctx, device = ddp.setup(resolve_device(run.device))
     out_dir = output_dir(run)
     finished = FinishedPairs(out_dir / "partial")
@@ -132,6 +142,8 @@ def infer(run: RunConfig, checkpoint, *, save_nifti: bool = False, progress: boo
         pairs = pairs[:run.eval.max_pairs]
     if not pairs:
         raise DataError(f"{run.data.root}: no test pairs")
+    l2r_name = dict(zip((p.name for p in pairs), l2r_names([(p.fixed.image, p.moving.image) for p in pairs],
+                                                          atlas_id))) if l2r_out else {}
     todo = [p for p in pairs if p.name not in done]
     mine = todo[ctx.rank::ctx.world_size]
     cache = VolumeCache(run.data)
@@ -147,7 +159,7 @@ def infer(run: RunConfig, checkpoint, *, save_nifti: bool = False, progress: boo
         clock["last"] = now
         row = {"case": pair.name, "moving": pair.moving.image, "fixed": pair.fixed.image, **row}
         if l2r_out:
-            write_l2r(l2r_out, pair.fixed.image, pair.moving.image, u, t["fixed_volume"])
+            write_l2r(l2r_out, l2r_name[pair.name], u, t["fixed_volume"])
         if save_nifti:
             save_pair_outputs(out_dir / "nifti", pair.name, t["fixed_volume"], warp(t["moving"], u), u,
                               row.pop("_warped_label"))

@@ -34,7 +34,7 @@ from utils.spatial import inverse_consistency, invert_displacement
 from utils.transforms import AffineMap, FieldMap, resample_image, resample_labels
 
 from .evaluate import evaluate_pair, format_summary_table, mean_dice, summarise, write_results
-from .exports import composed_voxel_displacement, write_l2r
+from .exports import composed_voxel_displacement, l2r_id, l2r_names, write_l2r
 from .infer import no_network, register_tensors, save_pair_outputs
 from .pipeline import prefetched
 from .runtime import bar_disabled, provenance, resolve_device
@@ -181,7 +181,7 @@ def register_files(pairs: list[PairFiles], checkpoint, out_dir, *, run: RunConfi
     ``out_dir`` holding an earlier run's results is refused unless ``overwrite``. ``alignment``
     ('none', 'rigid', 'affine') pre-aligns each pair before the network. ``exports`` may hold
     ``'itk'`` (ITK/ANTs displacement field in LPS millimetres, and the affine) and ``'l2r'``
-    (Learn2Reg's ``disp_<fixed>_<moving>.nii.gz``). ``inverse`` also computes and writes the
+    (Learn2Reg's field, named as its evaluation looks it up: ``engine/exports.py``). ``inverse`` also computes and writes the
     inverse transform and reports its inverse consistency.
     """
     unknown = set(exports) - set(EXPORTS)
@@ -189,6 +189,14 @@ def register_files(pairs: list[PairFiles], checkpoint, out_dir, *, run: RunConfi
         raise ValueError(f"--export {','.join(sorted(unknown))}: expected one or more of {', '.join(EXPORTS)}")
     if alignment not in AFFINE_KINDS:
         raise ValueError(f"--affine {alignment}: expected one of {', '.join(AFFINE_KINDS)}")
+    l2r_name = {}
+    if "l2r" in exports:            # names settled (and clashes refused) before any work
+        l2r_name = dict(zip((f.case for f in pairs), l2r_names([(f.fixed, f.moving) for f in pairs],
+                                                              require_ids=False)))
+        for f in pairs:
+            if not (l2r_id(f.fixed) and l2r_id(f.moving)):
+                log(f"{f.case}: no Learn2Reg ids in the image names (<task>_<case>_<modality>.nii.gz): the field is "
+                    f"written as {l2r_name[f.case]}, which the challenge's evaluation will not look up")
     folder = ResultFolder.claim(out_dir, overwrite)
     device = resolve_device(device)
     model, ckpt = (None, None) if no_network(checkpoint) else load_model(checkpoint)
@@ -213,6 +221,7 @@ def register_files(pairs: list[PairFiles], checkpoint, out_dir, *, run: RunConfi
             log(f"{files.case}: {note}")
         as_tensor = lambda a: volume_tensor(a, device)  # noqa: E731
         u, info = register_tensors(model, run, as_tensor(p["moving"]), as_tensor(p["fixed"]))
+        p["l2r_name"] = l2r_name.get(files.case)
         row = write_pair(out_dir, files, p, u, run, exports, inverse, as_tensor)
         row.update(seconds=info["seconds"], **({"io_seconds": info["io_seconds"]} if "io_seconds" in info else {}))
         rows.append({"case": files.case, "moving": files.moving, "fixed": files.fixed, **row,
@@ -264,7 +273,7 @@ def write_pair(out_dir: Path, files: PairFiles, p: dict, u: torch.Tensor, run: R
     if "itk" in exports:
         write_itk_displacement(out_dir / f"{files.case}_itk_displacement.nii.gz", u, fixed)
     if "l2r" in exports:
-        write_l2r(out_dir, files.fixed, files.moving, composed_voxel_displacement(chain, fixed, moving), fixed)
+        write_l2r(out_dir, p["l2r_name"], composed_voxel_displacement(chain, fixed, moving), fixed)
     if inverse:
         v = invert_displacement(u.float())
         consistency = inverse_consistency(u.float(), v)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from utils.checkpoint import (CheckpointError, as_checkpoint, checkpoint_dict, load_weights_only, read_checkpoint,
@@ -45,6 +46,11 @@ def check_compatible(model: nn.Module, ckpt: dict, source: str = "checkpoint") -
         raise CheckpointError(
             f"{source}: weights do not match the network (missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"wrong shape {wrong[:5]})")
+    broken = sorted(k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
+                    and not bool(torch.isfinite(v).all()))
+    if broken:
+        raise CheckpointError(f"{source}: weights that are not finite (NaN or inf) in {broken[:5]}"
+                              f"{' ...' if len(broken) > 5 else ''}")
 
 
 def load_weights(model: PLCReg, ckpt: dict, source: str = "checkpoint") -> PLCReg:

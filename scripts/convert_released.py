@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         return 2
     try:
         path, dropped = convert_released(args.src, args.dst, window, args.alpha)
-    except (CheckpointError, DataError) as exc:
+    except (CheckpointError, DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"dropped {len(dropped)} tensor(s) the released forward never uses: {', '.join(dropped)}")

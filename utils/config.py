@@ -6,6 +6,7 @@ and rebuilt from them; ``to_dict``/``from_dict`` round-trip through plain JSON t
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,8 +83,10 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.window_size: expected 3 positive integers (D, H, W), got {self.window_size}")
         if not set(self.attention_levels) <= {2, 3, 4, 5}:
             raise ValueError(f"ModelConfig.attention_levels: expected a subset of (2, 3, 4, 5), got {self.attention_levels}")
-        if self.width_multiplier <= 0:
+        if not self.width_multiplier > 0:
             raise ValueError(f"ModelConfig.width_multiplier must be > 0, got {self.width_multiplier}")
+        if not (math.isfinite(self.alpha) and self.alpha >= 0):
+            raise ValueError(f"ModelConfig.alpha (the ALS range): expected a finite number >= 0, got {self.alpha}")
         for level in self.attention_levels if self.arch == "plcreg" else ():
             w = self.level_widths[level - 1]
             if w % self.num_heads or (w // self.num_heads) % 2:
@@ -144,6 +147,9 @@ class DataConfig:
             has no validation folder; model selection never looks at test pairs.
         n_train, n_test: subject counts of layouts split by sorted order (AbdomenCTCT, SR-Reg).
         atlas_label: file name of the atlas label map (OASIS, LPBA40).
+        l2r_fixed_id: the atlas's Learn2Reg id (``0395`` or ``0395_0000``) for ``--l2r-out``
+            file names when the atlas image's own name carries none; '' takes it from
+            ``atlas_label`` where that name carries one.
         cache_mb: memory for decoded volumes during training (all of them when they fit).
         loader_workers: background threads that decode the next pairs while a step runs.
     """
@@ -160,6 +166,7 @@ class DataConfig:
     n_train: int = 0
     n_test: int = 0
     atlas_label: str = "OASIS_0395_0000.nii.gz"
+    l2r_fixed_id: str = ""
     cache_mb: float = 4096.0        # decoded volumes kept in memory during training
     loader_workers: int = 1         # background threads decoding the next pairs (0 = none)
 
@@ -174,6 +181,10 @@ class DataConfig:
                 raise ValueError(f"DataConfig: unknown normalisation {norm!r} (minmax, ct, percentile, none)")
         if 0 in self.labels:
             raise ValueError("DataConfig.labels: background (0) is never scored; leave it out")
+        window = [float(v) for v in self.ct_window]
+        if len(window) != 2 or not all(math.isfinite(v) for v in window) or window[0] >= window[1]:
+            raise ValueError(f"data.ct_window {tuple(self.ct_window)}: expected two finite Hounsfield values, "
+                             f"low < high, e.g. (-500, 800)")
         if self.layout == "abdomenctct" and self.val_subjects == 1:
             raise ValueError("DataConfig.val_subjects: validation pairs of the pairwise AbdomenCTCT layout "
                              "need 0 or at least 2 held-out subjects")

@@ -322,6 +322,17 @@ def remove_stale_temporaries(folder) -> list[Path]:
     return stale
 
 
+def label_dtype(labels) -> np.dtype:
+    """The smallest of int16, int32 and int64 that holds every value of a label map (never a
+    silent wrap: 40000 does not fit int16)."""
+    labels = np.asarray(labels)
+    low, high = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
+    for dtype in (np.int16, np.int32):
+        if np.iinfo(dtype).min <= low and high <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.int64)
+
+
 def save_like(array: np.ndarray, reference: Volume, path, dtype=None) -> Path:
     """Write ``array`` as NIfTI with the reference volume's affine and header.
 

@@ -186,5 +186,16 @@ def test_inference_takes_its_default_checkpoint_from_the_checkpoint_folder(oasis
     written = list((tmp_path / "l2r").glob("disp_*.nii.gz"))
     atlas = nib.load(str(oasis / "fixed.nii.gz"))
     assert len(written) == 1 and nib.load(str(written[0])).shape == (*atlas.shape, 3)
+    # named as the challenge's evaluation looks it up: the atlas's id from its label file's name
+    moving_id = next(p for p in sorted((oasis / "Test").iterdir())).name[6:15]
+    assert written[0].name == f"disp_0395_0000_{moving_id}.nii.gz"
+    assert infer_main("OASIS", ["--data-root", str(oasis), "--output-dir", str(tmp_path / "out_l2r2"), "--max-pairs",
+                                "1", "--no-progress", *_sets("OASIS"), "--checkpoint", str(tmp_path / "ck0" / "best.pth"),
+                                "--l2r-out", str(tmp_path / "l2r2"), "--l2r-fixed-id", "0400"]) == 0
+    assert [p.name for p in (tmp_path / "l2r2").glob("disp_*")] == [f"disp_0400_0000_{moving_id}.nii.gz"]
+    assert infer_main("OASIS", ["--data-root", str(oasis), "--output-dir", str(tmp_path / "out_l2r3"), "--max-pairs",
+                                "1", "--no-progress", *_sets("OASIS"), "--checkpoint", str(tmp_path / "ck0" / "best.pth"),
+                                "--l2r-out", str(tmp_path / "l2r3"), "--l2r-fixed-id", "95"]) == 2
+    assert not list((tmp_path / "l2r3").glob("disp_*")) and not (tmp_path / "out_l2r3" / "per_case.csv").exists()
     assert infer_main("OASIS", ["--data-root", str(oasis), "--output-dir", str(tmp_path / "out9"), *_sets("OASIS"),
                                 "--checkpoint-dir", str(tmp_path / "empty")]) == 2

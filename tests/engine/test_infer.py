@@ -2,15 +2,18 @@
 pipeline changes nothing in the results."""
 import csv
 
+import nibabel as nib
+import numpy as np
 import pytest
+import torch
 
 import engine.infer as infer_module
 from engine.assembly import assemble_run
-from engine.infer import infer
+from engine.infer import infer, save_pair_outputs
 from models import build_model, save_model
-from tests.layouts import quick_overrides, write_oasis
+from tests.layouts import AFFINE, quick_overrides, write_oasis
 from utils.config import ModelConfig
-from utils.io import DataError
+from utils.io import DataError, Volume
 
 TIMING = ("seconds", "end_to_end_seconds", "io_seconds")
 
@@ -77,3 +80,17 @@ def test_a_stopped_run_resumes_without_redoing_finished_pairs(setting, tmp_path,
     with pytest.raises(DataError, match="finished run"):
         infer(_run(setting, out), setting["ckpt"], progress=False, resume=True)
     assert (out / "per_case.csv").read_bytes() == before
+
+
+@pytest.mark.parametrize("values, dtype", [((0, 3, 35), np.int16), ((0, 40000), np.int32), ((-40000, 7), np.int32),
+                                           ((0, 2 ** 40), np.int64)])
+def test_warped_label_maps_keep_every_label_value(tmp_path, values, dtype):
+    """A label above 32767 is written in a wider integer type, never wrapped (40000 -> -25536)."""
+    labels = np.zeros((4, 5, 6), np.int64)
+    labels.flat[[7, 29, 61][:len(values)]] = values
+    fixed = Volume(np.zeros((4, 5, 6), np.float32), AFFINE, None, "fixed.nii.gz")
+    save_pair_outputs(tmp_path, "p", fixed, torch.zeros(1, 1, 4, 5, 6), torch.zeros(1, 3, 4, 5, 6),
+                      torch.from_numpy(labels)[None, None])
+    img = nib.load(str(tmp_path / "p_warped_label.nii.gz"))
+    assert img.get_data_dtype() == dtype
+    assert np.array_equal(np.asarray(img.dataobj), labels)

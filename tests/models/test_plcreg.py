@@ -131,6 +131,10 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
     bad = dict(ckpt, model={k: v for k, v in ckpt["model"].items() if "positional" not in k})
     with pytest.raises(CheckpointError, match="missing"):
         load_weights(model, bad)
+    name = "levels.1.attention.attn.power"
+    nan = dict(ckpt, model={**ckpt["model"], name: torch.full_like(ckpt["model"][name], float("nan"))})
+    with pytest.raises(CheckpointError, match=rf"not finite.*{name}"):
+        load_weights(model, nan, str(path))
     # corrupt and foreign files
     (tmp_path / "corrupt.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="corrupt.pth"):
@@ -157,6 +161,9 @@ def test_bad_inputs_rejected():
         model(torch.rand(1, 2, 16, 16, 16), torch.rand(1, 2, 16, 16, 16))
     with pytest.raises(ValueError, match="heads"):
         ModelConfig(widths=(8, 12, 16, 32, 32), num_heads=4)
+    for alpha in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="alpha"):
+            ModelConfig(alpha=alpha)
 
 
 def test_network_learns_a_synthetic_pair():

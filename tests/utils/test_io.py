@@ -1,4 +1,5 @@
 """Volume I/O: geometry kept on write, and each kind of bad file named with its problem."""
+import locale
 import pickle
 import sys
 
@@ -140,11 +141,15 @@ def test_other_formats_keep_their_geometry(tmp_path):
     expected = np.asarray(ref.dataobj).astype(np.float32)
     for name in ("img.mha", "img.nrrd"):
         sitk.WriteImage(img, str(tmp_path / name))
+    process_locale = locale.setlocale(locale.LC_ALL)
     _write_dicom_series(sitk, img, direction, tmp_path / "series")
+    locale.setlocale(locale.LC_ALL, process_locale)            # (GDCM's writer sets the C locale too)
     for path in (tmp_path / "img.mha", tmp_path / "img.nrrd", tmp_path / "series"):
         vol = load_volume(path)
         assert np.allclose(vol.affine, ref.affine, atol=1e-5), path
         assert np.array_equal(vol.array, expected), path
+        # the process's locale (and so the default encoding of text files) is left as it was
+        assert locale.setlocale(locale.LC_ALL) == process_locale, path
 
 
 def test_unknown_format_and_missing_simpleitk_are_named(tmp_path, monkeypatch):
@@ -155,3 +160,10 @@ def test_unknown_format_and_missing_simpleitk_are_named(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "SimpleITK", None)
     with pytest.raises(DataError, match="y.mha: reading this format needs SimpleITK"):
         load_volume(tmp_path / "y.mha")
+
+
+def test_label_dtype_holds_every_value():
+    from utils.io import label_dtype
+    assert label_dtype(np.array([0, 35])) == np.int16
+    assert label_dtype(np.array([0, 32768])) == np.int32 and label_dtype(np.array([-32769, 0])) == np.int32
+    assert label_dtype(np.array([0, 2 ** 31])) == np.int64 and label_dtype(np.zeros((0,), np.int64)) == np.int16
