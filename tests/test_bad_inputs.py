@@ -168,7 +168,7 @@ CASES = [
      "'../../escaped' is not a plain file name"),
     ("reversed CT window", lambda w: _infer(w, "--set", "data.ct_window=800,-500"), "data.ct_window (800.0, -500.0)"),
     ("Learn2Reg id not an id", lambda w: _infer(w, "--l2r-out", str(w["dir"] / "l2r_bad"), "--l2r-fixed-id", "95"),
-     "--l2r-fixed-id '95'"),
+     "(--l2r-fixed-id) '95'"),
     ("absolute name", lambda w: ["register.py", "--pairs", str(w["dir"] / "own" / "absolute.csv"),
                                  "--checkpoint", w["ckpt"], "--out-dir", str(w["dir"] / "reg_a")],
      "is not a plain file name"),
