@@ -20,7 +20,10 @@ def resolve_device(name: str) -> torch.device:
     """'auto' -> CUDA when available, else CPU; an unavailable CUDA request falls back to CPU with a warning."""
     if name in ("", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {name!r}: expected auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"warning: device {name!r} requested but CUDA is not available; using the CPU", file=sys.stderr)
         return torch.device("cpu")

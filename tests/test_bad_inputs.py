@@ -131,6 +131,10 @@ def _register(w, moving, *extra, out=None, checkpoint=None):
 # (case, argv builder, text that must appear in the message)
 CASES = [
     ("device bogus", lambda w: _train(w, "--device", "bogus"), "device 'bogus'"),
+    ("device bogus (register)", lambda w: _register(w, w["moving"], "--device", "bogus"), "device 'bogus'"),
+    ("device bogus (warp)", lambda w: ["warp.py", "--input", str(w["moving"]), "--reference", str(w["fixed"]),
+                                       "--out", str(w["dir"] / "warped_bogus.nii.gz"), "--device", "bogus"],
+     "device 'bogus'"),
     ("negative lr", lambda w: _train(w, "--lr", "-1"), "lr"),
     ("ncc window 0", lambda w: _train(w, "--set", "train.ncc_window=0"), "ncc_window"),
     ("zero epochs", lambda w: _train(w, "--epochs", "0"), "epochs"),
