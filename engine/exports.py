@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 
 from utils.checks import as_spatial_field
-from utils.io import Volume, atomic_write
+from utils.io import Volume, atomic_write, image_stem
 from utils.spatial import identity_grid
 from utils.transforms import source_voxels
 
@@ -52,10 +52,6 @@ def l2r_file_name(fixed_id: str, moving_id: str) -> str:
     return f"disp_{fixed_id}_{moving_id}.nii.gz"
 
 
-def _stem(path) -> str:
-    return re.sub(r"\.nii(\.gz)?$", "", Path(path).name)
-
-
 def l2r_names(pairs, fixed_id: str = "", require_ids: bool = True) -> list[str]:
     """The Learn2Reg file name of each (fixed path, moving path) pair, checked before any work.
 
@@ -70,7 +66,7 @@ def l2r_names(pairs, fixed_id: str = "", require_ids: bool = True) -> list[str]:
             raise ValueError(f"{missing[0]}: no Learn2Reg id in the file name (<task>_<case>_<modality>.nii.gz, "
                              f"e.g. OASIS_0395_0000.nii.gz), so the evaluation could not find its field; for an "
                              f"atlas give one with --l2r-fixed-id (e.g. 0395 or 0395_0000)")
-        name = l2r_file_name(*ids) if not missing else f"disp_{_stem(fixed)}_{_stem(moving)}.nii.gz"
+        name = l2r_file_name(*ids) if not missing else f"disp_{image_stem(fixed)}_{image_stem(moving)}.nii.gz"
         if name in seen:
             raise ValueError(f"Learn2Reg export: pairs {seen[name]} and ({fixed}, {moving}) would both be written "
                              f"as {name}")

@@ -125,5 +125,3 @@ def keeps_training_heap(device: torch.device, grad_checkpointing: bool) -> bool:
     the CPU, unless the run trades time for memory with gradient checkpointing (the kept heap
     would take back what checkpointing saves)."""
     return device.type == "cpu" and not grad_checkpointing
-
-

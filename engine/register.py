@@ -26,7 +26,7 @@ from models import load_model
 from utils.config import RunConfig
 from utils.datasets import normalise, volume_tensor
 from utils.affine import AFFINE_KINDS, AlignmentSettings, align_volumes
-from utils.io import DataError, Volume, check_same_grid, load_volume, require_file, save_like
+from utils.io import DataError, Volume, check_same_grid, load_volume, image_stem, require_file, save_like
 from utils.itk import write_itk_affine, write_itk_displacement
 from utils.outputs import ResultFolder
 from utils.resample import grid_overlap, resample_to_grid, same_grid
@@ -53,7 +53,7 @@ class PairFiles:
 
     @property
     def case(self) -> str:
-        return self.name or f"{_stem(self.moving)}_to_{_stem(self.fixed)}"
+        return self.name or f"{image_stem(self.moving)}_to_{image_stem(self.fixed)}"
 
 
 def check_case_name(name: str, where: str) -> str:
@@ -65,14 +65,6 @@ def check_case_name(name: str, where: str) -> str:
         raise DataError(f"{where}: output name {name!r} is not a plain file name (no folders, no '..', no leading "
                         f"dot); outputs are written inside --out-dir only")
     return name
-
-
-def _stem(path: str) -> str:
-    name = Path(path).name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return Path(name).stem
 
 
 def read_pairs_csv(path) -> list[PairFiles]:
@@ -181,8 +173,8 @@ def register_files(pairs: list[PairFiles], checkpoint, out_dir, *, run: RunConfi
     ``out_dir`` holding an earlier run's results is refused unless ``overwrite``. ``alignment``
     ('none', 'rigid', 'affine') pre-aligns each pair before the network. ``exports`` may hold
     ``'itk'`` (ITK/ANTs displacement field in LPS millimetres, and the affine) and ``'l2r'``
-    (Learn2Reg's field, named as its evaluation looks it up: ``engine/exports.py``). ``inverse`` also computes and writes the
-    inverse transform and reports its inverse consistency.
+    (Learn2Reg's field, named as its evaluation looks it up: ``engine/exports.py``). ``inverse``
+    also computes and writes the inverse transform and reports its inverse consistency.
     """
     unknown = set(exports) - set(EXPORTS)
     if unknown:

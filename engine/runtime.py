@@ -1,7 +1,6 @@
 """Run-time helpers: device choice, seeding, provenance (command and package versions)."""
 from __future__ import annotations
 
-import functools
 import os
 import platform
 import random
@@ -13,7 +12,7 @@ from importlib import metadata
 import numpy as np
 import torch
 
-from models.backend import cpu_has_native_bf16
+from models.backend import cpu_has_native_bf16, cpuinfo
 
 
 def resolve_device(name: str) -> torch.device:
@@ -25,7 +24,7 @@ def resolve_device(name: str) -> torch.device:
     except (RuntimeError, TypeError):
         raise ValueError(f"device {name!r}: expected auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        print(f"warning: device {name!r} requested but CUDA is not available; using the CPU", file=sys.stderr)
+        _warn_once(f"device {name}", f"warning: device {name!r} requested but CUDA is not available; using the CPU")
         return torch.device("cpu")
     return device
 
@@ -55,28 +54,14 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [sys.executable.split("/")[-1], *sys.argv])
 
 
-@functools.lru_cache(maxsize=None)
-def _cpuinfo(key: str) -> str:
-    """The first value of ``key`` in /proc/cpuinfo ('' where it is missing); read once per key."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                name, _, value = line.partition(":")
-                if name.strip() == key:
-                    return value.strip()
-    except OSError:
-        pass
-    return ""
-
-
 def cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo), else what the platform module knows."""
-    return _cpuinfo("model name") or platform.processor() or platform.machine()
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cpu_features() -> set[str]:
     """The CPU's feature flags (/proc/cpuinfo 'flags'; empty where unknown)."""
-    return set(_cpuinfo("flags").split())
+    return set(cpuinfo("flags").split())
 
 
 def provenance(device=None) -> dict:

@@ -53,21 +53,23 @@ def use_kernels(setting: str):
         _override.pop()
 
 
-def _cpu_flags() -> set[str]:
+@functools.lru_cache(maxsize=None)
+def cpuinfo(key: str) -> str:
+    """The first value of ``key`` in /proc/cpuinfo ('' where it is missing); read once per key."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
                 name, _, value = line.partition(":")
-                if name.strip() == "flags":
-                    return set(value.split())
+                if name.strip() == key:
+                    return value.strip()
     except OSError:
         pass
-    return set()
+    return ""
 
 
 @functools.lru_cache(maxsize=None)
 def _hardware_bf16() -> bool:
-    if not ({"amx_bf16", "avx512_bf16"} & _cpu_flags()) or not torch.backends.mkldnn.is_available():
+    if not ({"amx_bf16", "avx512_bf16"} & set(cpuinfo("flags").split())) or not torch.backends.mkldnn.is_available():
         return False
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .config import DataConfig
-from .io import DataError, Volume, check_same_grid, load_volume, load_pickle_pair, require_file
+from .io import DataError, Volume, check_same_grid, load_volume, image_stem, load_pickle_pair, require_file
 
 
 @dataclass(frozen=True)
@@ -103,14 +103,6 @@ def _files(folder: Path, pattern: str, what: str) -> list[Path]:
     return files
 
 
-def _nii_stem(path: Path) -> str:
-    name = path.name
-    for ext in (".nii.gz", ".nii", ".pkl"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return path.stem
-
-
 def _holdout(train: list[Side], n: int, seed: int) -> tuple[list[Side], list[Side]]:
     """Hold ``n`` training subjects out for validation (seeded; never all of them)."""
     n = min(n, max(len(train) - 1, 0))
@@ -136,7 +128,7 @@ def read_oasis(cfg: DataConfig, root: Path, seed: int) -> DatasetIndex:
     label_dir = _require_dir(root / "label", "label")
 
     def side(img: Path) -> Side:
-        return Side(_nii_stem(img)[:10], str(img), str(_require_file(label_dir / img.name, f"label of {img}")))
+        return Side(image_stem(img)[:10], str(img), str(_require_file(label_dir / img.name, f"label of {img}")))
 
     atlas_img = _require_file(root / "fixed.nii.gz", "atlas image")
     atlas_lab = label_dir / cfg.atlas_label if cfg.atlas_label else label_dir / "fixed.nii.gz"
@@ -186,7 +178,7 @@ def read_ixi(cfg: DataConfig, root: Path, seed: int) -> DatasetIndex:
     (``utils.io.load_pickle_pair``) with an identity affine.
     """
     def sides(folder: str) -> list[Side]:
-        return [Side(_nii_stem(p), str(p), str(p), "pickle") for p in _files(root / folder, "*.pkl", folder)]
+        return [Side(image_stem(p), str(p), str(p), "pickle") for p in _files(root / folder, "*.pkl", folder)]
 
     atlas_path = _require_file(root / "atlas.pkl", "atlas")
     atlas = Side("atlas", str(atlas_path), str(atlas_path), "pickle")
@@ -215,7 +207,7 @@ def read_abdomenctct(cfg: DataConfig, root: Path, seed: int) -> DatasetIndex:
         for p in _files(root / img_dir, "*.nii.gz", img_dir):
             lab = labels / p.name
             if lab.is_file():
-                labelled.append(Side(_nii_stem(p)[:16], str(p), str(lab)))
+                labelled.append(Side(image_stem(p)[:16], str(p), str(lab)))
     need = cfg.n_train + cfg.n_test
     if len(labelled) < need:
         raise DataError(f"{root}: {len(labelled)} labelled subjects found, the split needs {need} "

@@ -322,6 +322,15 @@ def remove_stale_temporaries(folder) -> list[Path]:
     return stale
 
 
+def image_stem(path) -> str:
+    """A file's name without its image extension (``a.nii.gz`` -> ``a``, ``b.mha`` -> ``b``)."""
+    name = Path(path).name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
+
+
 def label_dtype(labels) -> np.dtype:
     """The smallest of int16, int32 and int64 that holds every value of a label map (never a
     silent wrap: 40000 does not fit int16)."""

@@ -87,8 +87,9 @@ class CpuInference(CpuKernels):
         return self.conv(head, x, head.weight, head.bias)
 
     def combine(self, level, residual: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
-        out = self.composed(level, residual, base)
-        return residual.add_(base) if out is None else out     # the head's output is new: reused
+        if base is not None and not level.compose_levels:
+            return residual.add_(base)          # the head's output is new: reused
+        return level.combine(residual, base)
 
     def warp(self, model, features: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
         if phi.dtype != torch.float32 or features.dtype not in (torch.float32, torch.bfloat16):

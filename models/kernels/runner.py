@@ -11,8 +11,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from utils.spatial import compose
-
 from .ops import avg_pool2_channels_last, is_channels_last
 
 
@@ -26,8 +24,7 @@ def fused_norm_act(norm: nn.Module, act: nn.Module) -> bool:
 def direct_conv(layer: nn.Module) -> bool:
     """Whether oneDNN's convolution can run ``layer`` directly: a 3D convolution (not
     transposed) with zero padding given as numbers."""
-    return (isinstance(layer, nn.Conv3d) and layer.padding_mode == "zeros"
-            and isinstance(layer.padding, tuple) and torch.backends.mkldnn.is_available())
+    return isinstance(layer, nn.Conv3d) and layer.padding_mode == "zeros" and isinstance(layer.padding, tuple)
 
 
 def plain_pool(pool: nn.Module, x: torch.Tensor) -> bool:
@@ -41,7 +38,7 @@ class CpuKernels:
     """A pass of PLCReg on the CPU in ``precision`` (float32, or bf16 under CPU autocast).
 
     Subclasses give the operations: ``encode``, ``double_conv``, ``layer``, ``norm_act``,
-    ``head``, ``warp``, ``attention``, ``combine``, ``estimate``.
+    ``head``, ``warp``, ``attention``, ``estimate``.
     """
 
     def __init__(self, precision: torch.dtype):
@@ -98,9 +95,6 @@ class CpuKernels:
         fine = self.double_conv(level.fine_conv, fine_parts)
         return self.combine(level, self.head(level.fine_head, fine), phi), fine
 
-    @staticmethod
-    def composed(level, residual: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor | None:
-        """``level.combine`` where it composes (or where there is no base), else None."""
-        if base is None:
-            return residual
-        return compose(residual, base) if level.compose_levels else None
+    def combine(self, level, residual: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+        """``level.combine(residual, base)``."""
+        return level.combine(residual, base)

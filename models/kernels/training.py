@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-
 from .attention import band_applies, value_conv_as_product
 from .ops import (channels_last, float32_conv3d_saving_input, instance_norm_relu_channels_last, is_channels_last,
                   warp_by_gather_with_grad)
@@ -65,10 +64,6 @@ class CpuTraining(CpuKernels):
         if direct_conv(head) and not self.bf16:
             return self.layer(head, x)
         return head(x)
-
-    def combine(self, level, residual: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
-        out = self.composed(level, residual, base)
-        return residual + base if out is None else out
 
     def warp(self, model, features: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
         if is_channels_last(features) and phi.dtype == torch.float32 and features.dtype in (torch.float32,
