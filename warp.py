@@ -16,7 +16,7 @@ folders with SimpleITK installed. The output is NIfTI with the reference's geome
 import argparse
 import sys
 
-from engine.apply_transform import apply_transforms
+from engine.apply_transform import FIELD_UNITS, apply_transforms
 from engine.cli import EXIT_BAD_INPUT
 from engine.runtime import resolve_device
 from utils.io import DataError
@@ -31,6 +31,10 @@ def main(argv=None) -> int:
     p.add_argument("-t", "--transform", action="append", default=[], metavar="FILE",
                    help="displacement field or affine, in antsApplyTransforms order (repeatable); [FILE,1] "
                         "inverts an affine; none given: resampling through the headers only")
+    p.add_argument("--field-units", choices=FIELD_UNITS, default="auto",
+                   help="units of the displacement fields: auto (as the file says: this project's fields are in "
+                        "voxels, ITK/ANTs (X, Y, Z, 1, 3) vector images in LPS millimetres), voxels (component i "
+                        "along array axis i) or mm (LPS, as ITK)")
     p.add_argument("--label", action="store_true", help="the input is a label map (values kept)")
     p.add_argument("--label-interpolation", choices=LABEL_INTERPOLATIONS, default="nearest")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -39,7 +43,8 @@ def main(argv=None) -> int:
     try:
         path = apply_transforms(args.input, args.reference, args.transform, args.out, label=args.label,
                                 label_interpolation=args.label_interpolation, overwrite=args.overwrite,
-                                device=resolve_device(args.device))
+                                device=resolve_device(args.device), units=args.field_units,
+                                log=lambda m: print(m, file=sys.stderr))
     except (DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -13,9 +13,9 @@ from pathlib import Path
 from models.registry import DEFAULT_MODEL, MODELS
 from utils.checkpoint import CheckpointError
 from utils.config import RunConfig
-from utils.io import DataError
+from utils.io import DataError, WriteError
 
-from .assembly import assemble_run, checkpoint_dir, default_checkpoint
+from .assembly import assemble_run, checkpoint_dir, default_checkpoint, output_dir
 from . import process
 from .runtime import progress_setting, resolve_device
 
@@ -158,6 +158,11 @@ def train_main(dataset: str, argv=None) -> int:
                 same = len(set(sums)) == 1
                 print(f"weights {'identical' if same else 'DIFFER'} on {trainer.ctx.world_size} ranks "
                       f"(checksums {sums})")
+    except WriteError as exc:
+        last = checkpoint_dir(run) / "last.pth"
+        kept = (f"; the last complete checkpoint {last} is kept: continue with --resume once the file can be "
+                f"written" if last.is_file() else "")
+        return _fail(f"{exc}{kept}")
     except (DataError, CheckpointError, ModuleNotFoundError) as exc:
         return _fail(str(exc))
     except TrainingInterrupted as exc:
@@ -180,11 +185,15 @@ def infer_main(dataset: str, argv=None) -> int:
     if args is None:
         return run
     from . import distributed as ddp
-    from .infer import infer
+    from .infer import FinishedPairs, infer
     checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint(run)
     try:
         result = infer(run, checkpoint, save_nifti=args.save_nifti, progress=progress_setting(args),
                        figures=args.figures, overwrite=args.overwrite, l2r_out=args.l2r_out, resume=args.resume)
+    except WriteError as exc:
+        partial = FinishedPairs(output_dir(run) / "partial")
+        return _fail(f"{exc}; {partial.count()} finished pair(s) are kept in {partial.folder}: continue with "
+                     f"--resume once the file can be written")
     except (DataError, CheckpointError, ValueError) as exc:
         return _fail(str(exc))
     finally:

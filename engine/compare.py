@@ -226,59 +226,63 @@ def compare(items, specs: list[MethodSpec], run: RunConfig, out_dir, *, referenc
     (missing optional package or checkpoint) are skipped with a message in ``skipped``.
     """
     device = device or torch.device("cpu")
-    folder = ResultFolder.claim(out_dir, overwrite)
-    out_dir = Path(out_dir)
-    labels = list(labels if labels is not None else run.data.labels)
-    results, skipped = {}, {}
-    for spec in specs:
-        try:
-            method = build_method(spec, run, device)
-        except (ModuleNotFoundError, CheckpointError, DataError) as exc:
-            skipped[spec.label] = str(exc)
-            log(f"skipping {spec.label}: {exc}")
-            continue
-        rows = []
-        with PeakMemory(device) as peak:
-            for item in tqdm(items, desc=spec.label, disable=bar_disabled(progress)):
-                u, seconds = method.register(item["moving"], item["fixed"])
-                row, _ = evaluate_pair(u, item.get("moving_label"), item.get("fixed_label"), labels,
-                                       run.eval.label_interpolation)
-                rows.append({"case": item["name"], **row, "seconds": seconds})
-        results[spec.label] = {"rows": rows, "summary": summarise(rows), "peak_mib": peak.mib,
-                               "parameters": method.parameters}
-        columns = list(dict.fromkeys(k for r in rows for k in r))
-        write_text(out_dir / f"per_case_{slug(spec.label)}.csv", csv_text(rows, columns))
-    if not results:
-        raise ValueError("no method could be run: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
-    reference = reference or next((label for label, s in zip(results, specs) if s.kind != "initial"), None) \
-        or next(iter(results))
-    if reference not in results:
-        raise ValueError(f"reference method {reference!r} is not among the methods run: {sorted(results)}")
-    table_rows = comparison_rows(results)
-    table = comparison_markdown(table_rows, f"{title}: {len(items)} pairs")
-    tests = pvalue_rows(results, reference)
-    paths = {
-        "table_md": write_text(out_dir / "comparison.md", table + "\n"),
-        "table_csv": write_text(out_dir / "comparison.csv", csv_text(table_rows, list(table_rows[0]))),
-        "pvalues_md": write_text(out_dir / "pvalues.md", pvalue_markdown(tests) + "\n"),
-        "pvalues_csv": write_text(out_dir / "pvalues.csv", csv_text(tests, list(tests[0]) if tests else ["method"])),
-    }
-    if tests:
-        others = [m for m in results if m != reference]
-        grid = np.array([[next(t["p"] for t in tests if t["method"] == m and t["metric"] == name)
-                          for _, name in TESTED_METRICS] for m in others])
-        paths["pvalues_png"] = figures.pvalue_heatmap(grid, others, [n for _, n in TESTED_METRICS],
-                                                      out_dir / "figures" / "pvalues.png",
-                                                      f"Wilcoxon signed-rank vs {reference} (two-sided)")
-    per_structure = {label: np.array([[r.get(f"dice_{v}", math.nan) for v in labels] for r in res["rows"]])
-                     for label, res in results.items()}
-    if labels and any(np.isfinite(a).any() for a in per_structure.values()):
-        paths["boxplot"] = figures.methods_boxplot(per_structure, labels, out_dir / "figures" / "dice_per_structure.png",
-                                                   f"Dice per structure over {len(items)} pairs")
-    write_text(out_dir / "comparison.json", json.dumps(
-        {"methods": [vars(s) for s in specs], "skipped": skipped, "reference": reference, **provenance(device),
-         "config": run.to_dict(), "table": table_rows, "pvalues": tests}, indent=2, default=str))
-    folder.finish(log=log)
+    folder = ResultFolder.claim(out_dir, overwrite, log=log)
+    try:
+        out_dir = Path(out_dir)
+        labels = list(labels if labels is not None else run.data.labels)
+        results, skipped = {}, {}
+        for spec in specs:
+            try:
+                method = build_method(spec, run, device)
+            except (ModuleNotFoundError, CheckpointError, DataError) as exc:
+                skipped[spec.label] = str(exc)
+                log(f"skipping {spec.label}: {exc}")
+                continue
+            rows = []
+            with PeakMemory(device) as peak:
+                for item in tqdm(items, desc=spec.label, disable=bar_disabled(progress)):
+                    u, seconds = method.register(item["moving"], item["fixed"])
+                    row, _ = evaluate_pair(u, item.get("moving_label"), item.get("fixed_label"), labels,
+                                           run.eval.label_interpolation)
+                    rows.append({"case": item["name"], **row, "seconds": seconds})
+            results[spec.label] = {"rows": rows, "summary": summarise(rows), "peak_mib": peak.mib,
+                                   "parameters": method.parameters}
+            columns = list(dict.fromkeys(k for r in rows for k in r))
+            write_text(out_dir / f"per_case_{slug(spec.label)}.csv", csv_text(rows, columns))
+        if not results:
+            raise ValueError("no method could be run: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+        reference = reference or next((label for label, s in zip(results, specs) if s.kind != "initial"), None) \
+            or next(iter(results))
+        if reference not in results:
+            raise ValueError(f"reference method {reference!r} is not among the methods run: {sorted(results)}")
+        table_rows = comparison_rows(results)
+        table = comparison_markdown(table_rows, f"{title}: {len(items)} pairs")
+        tests = pvalue_rows(results, reference)
+        paths = {
+            "table_md": write_text(out_dir / "comparison.md", table + "\n"),
+            "table_csv": write_text(out_dir / "comparison.csv", csv_text(table_rows, list(table_rows[0]))),
+            "pvalues_md": write_text(out_dir / "pvalues.md", pvalue_markdown(tests) + "\n"),
+            "pvalues_csv": write_text(out_dir / "pvalues.csv", csv_text(tests, list(tests[0]) if tests else ["method"])),
+        }
+        if tests:
+            others = [m for m in results if m != reference]
+            grid = np.array([[next(t["p"] for t in tests if t["method"] == m and t["metric"] == name)
+                              for _, name in TESTED_METRICS] for m in others])
+            paths["pvalues_png"] = figures.pvalue_heatmap(grid, others, [n for _, n in TESTED_METRICS],
+                                                          out_dir / "figures" / "pvalues.png",
+                                                          f"Wilcoxon signed-rank vs {reference} (two-sided)")
+        per_structure = {label: np.array([[r.get(f"dice_{v}", math.nan) for v in labels] for r in res["rows"]])
+                         for label, res in results.items()}
+        if labels and any(np.isfinite(a).any() for a in per_structure.values()):
+            paths["boxplot"] = figures.methods_boxplot(per_structure, labels, out_dir / "figures" / "dice_per_structure.png",
+                                                       f"Dice per structure over {len(items)} pairs")
+        write_text(out_dir / "comparison.json", json.dumps(
+            {"methods": [vars(s) for s in specs], "skipped": skipped, "reference": reference, **provenance(device),
+             "config": run.to_dict(), "table": table_rows, "pvalues": tests}, indent=2, default=str))
+        folder.finish(log=log)
+    except BaseException:
+        folder.close()
+        raise
     return {"results": results, "skipped": skipped, "table": table, "pvalues": tests,
             "pvalue_table": pvalue_markdown(tests), "paths": paths, "reference": reference}
 

@@ -34,6 +34,7 @@ from .evaluate import evaluate_pair, format_summary_table, label_dice, summarise
 from .instance_opt import io_similarity, refine_for_run
 from .pipeline import BackgroundWriter, prefetched
 from .report import inference_figures
+from .resume_key import changes, describe, pair_files, resume_key
 from .runtime import (amp_dtype, autocast, bar_disabled, compile_model, precision_name,
                       provenance, resolve_device, synchronize)
 
@@ -114,104 +115,115 @@ def infer(run: RunConfig, checkpoint, *, save_nifti: bool = False, progress: boo
     ctx, device = ddp.setup(resolve_device(run.device))
     out_dir = output_dir(run)
     finished = FinishedPairs(out_dir / "partial")
-    folder = ResultFolder.claim(out_dir, overwrite, resume=resume)
-    l2r_folder = ResultFolder.claim(l2r_out, overwrite, resume=resume) if l2r_out else None
-    done = finished.rows() if resume else {}
-    if resume and not done and (out_dir / "summary.json").is_file():
-        raise DataError(f"{out_dir}: holds a finished run (summary.json) and no stopped one to continue; "
-                        f"give --overwrite to run it again, or choose another output folder")
-    if resume and done:
-        finished.check_same_run(checkpoint, run)
     if not resume and not overwrite and finished.count():
         raise DataError(f"{finished.folder}: holds {finished.count()} finished pair(s) of a stopped run; continue "
                         f"it with --resume, or start again with --overwrite")
-    ddp.barrier(ctx)                                   # every rank has looked before anything is written
-    if no_network(checkpoint):
-        if not run.eval.io_steps:
-            raise ValueError("checkpoint 'none' registers by instance optimisation alone: set io_steps > 0")
-        model = None
-    elif model is None:
-        model, _ = load_model(checkpoint)
-    if model is not None:
-        model = model.to(device).eval()
-        if run.eval.compile:
-            compile_model(model)
-    index = index or discover(run.data, None, run.train.seed)
-    pairs = index.test_pairs()
-    if run.eval.max_pairs:
-        pairs = pairs[:run.eval.max_pairs]
-    if not pairs:
-        raise DataError(f"{run.data.root}: no test pairs")
-    l2r_name = dict(zip((p.name for p in pairs), l2r_names([(p.fixed.image, p.moving.image) for p in pairs],
-                                                          atlas_id))) if l2r_out else {}
-    todo = [p for p in pairs if p.name not in done]
-    mine = todo[ctx.rank::ctx.world_size]
-    cache = VolumeCache(run.data)
-    rows: list[dict] = []
-    first: dict = {}
-    clock = {"last": time.perf_counter()}
-
-    def finish_pair(pair, t, u, info):
-        """Metrics, files and the row of one registered pair (runs in the writer thread)."""
-        row = score_pair(run, t, u, info)
-        now = time.perf_counter()
-        row["end_to_end_seconds"] = now - clock["last"]
-        clock["last"] = now
-        row = {"case": pair.name, "moving": pair.moving.image, "fixed": pair.fixed.image, **row}
+    folder = ResultFolder.claim(out_dir, overwrite, resume=resume, lock=ctx.is_main, log=print)
+    claimed = [folder]
+    try:
         if l2r_out:
-            write_l2r(l2r_out, l2r_name[pair.name], u, t["fixed_volume"])
-        if save_nifti:
-            save_pair_outputs(out_dir / "nifti", pair.name, t["fixed_volume"], warp(t["moving"], u), u,
-                              row.pop("_warped_label"))
-        row.pop("_warped_label", None)
-        finished.add(row)
-        rows.append(row)
+            claimed.append(ResultFolder.claim(l2r_out, overwrite, resume=resume, lock=ctx.is_main, log=print))
+        done = finished.rows() if resume else {}
+        if resume and not done and (out_dir / "summary.json").is_file():
+            raise DataError(f"{out_dir}: holds a finished run (summary.json) and no stopped one to continue; "
+                            f"give --overwrite to run it again, or choose another output folder")
+        ddp.barrier(ctx)                                   # every rank has looked before anything is written
+        if no_network(checkpoint):
+            if not run.eval.io_steps:
+                raise ValueError("checkpoint 'none' registers by instance optimisation alone: set io_steps > 0")
+            model = None
+        elif model is None:
+            model, _ = load_model(checkpoint)
+        if model is not None:
+            model = model.to(device).eval()
+            if run.eval.compile:
+                compile_model(model)
+        index = index or discover(run.data, None, run.train.seed)
+        pairs = index.test_pairs()
+        key = resume_key("inference", run, pair_files(pairs), model)
+        for each in claimed:
+            each.protect(pair_files(pairs))
+        if resume and done:
+            finished.check_same_run(key)
+        if run.eval.max_pairs:
+            pairs = pairs[:run.eval.max_pairs]
+        if not pairs:
+            raise DataError(f"{run.data.root}: no test pairs")
+        l2r_name = dict(zip((p.name for p in pairs), l2r_names([(p.fixed.image, p.moving.image) for p in pairs],
+                                                              atlas_id))) if l2r_out else {}
+        todo = [p for p in pairs if p.name not in done]
+        mine = todo[ctx.rank::ctx.world_size]
+        cache = VolumeCache(run.data)
+        rows: list[dict] = []
+        first: dict = {}
+        clock = {"last": time.perf_counter()}
 
-    if ctx.is_main and not done:
-        finished.start(checkpoint, run)
-    background = run.eval.background
-    with BackgroundWriter(background) as writer:
-        loaded = prefetched(mine, lambda p: cache.pair_tensors(p, device), background)
-        quiet = bar_disabled(progress) or not ctx.is_main
-        for pair, t in tqdm(loaded, total=len(mine), desc="inference", disable=quiet):
-            u, info = register_tensors(model, run, t["moving"], t["fixed"])
-            if figures and not first:
-                first.update(name=pair.name, moving=t["moving"], fixed=t["fixed"], u=u)
-            writer.submit(finish_pair, pair, t, u, info)
-    gathered = ddp.gather_objects(rows, ctx)
-    if not ctx.is_main:
-        return {"rows": [], "summary": None, "paths": {}, "table": None}
-    by_case = {**done, **{r["case"]: r for part in gathered for r in part}}
-    rows = [by_case[p.name] for p in pairs]
-    summary = summarise(rows)
-    amp = amp_dtype(device, run.eval.amp) if model is not None else None
-    meta = {"dataset": run.data.name, "checkpoint": str(checkpoint) if checkpoint else None, **provenance(device),
-            "precision": precision_name(amp), "kernels": backend_name(device, amp) if isinstance(model, PLCReg) else None,
-            "ranks": ctx.world_size, "resumed_pairs": len(done),
-            "label_interpolation": run.eval.label_interpolation,
-            "hd95_units": "mm" if run.eval.hd95_spacing else "voxels", "config": run.to_dict(),
-            "model_config": model.config.to_dict() if model is not None else None,
-            "instance_optimisation": ({k: v for k, v in run.eval.__dict__.items() if k.startswith("io_")}
-                                      | {"similarity": io_similarity(run.train.similarity)})
-            if run.eval.io_steps else None}
-    paths = write_results(out_dir, rows, summary, meta)
-    if figures:
-        log = train_log or (Path(checkpoint).parent / "train_log.csv" if checkpoint and not no_network(checkpoint)
-                            else None)
-        paths["figures"] = inference_figures(out_dir / "figures", first or None, rows, run.data.labels, log)
-    finished.clear()
-    for claimed in (folder, l2r_folder):
-        if claimed is not None:
-            claimed.finish(log=print)
-    method = display_name(model.config.arch) if model is not None else "no network"
-    if amp is not None:
-        method += f" in {precision_name(amp)}"
-    if run.eval.io_steps:
-        method += f" + {run.eval.io_steps} IO steps"
-    ranks = f", {ctx.world_size} ranks" if ctx.distributed else ""
-    table = format_summary_table(summary, f"{run.data.name}: {len(rows)} test pairs, {method}{ranks} "
-                                          f"(labels warped by {run.eval.label_interpolation})")
-    return {"rows": rows, "summary": summary, "paths": paths, "table": table}
+        def finish_pair(pair, t, u, info):
+            """Metrics, files and the row of one registered pair (runs in the writer thread)."""
+            row = score_pair(run, t, u, info)
+            now = time.perf_counter()
+            row["end_to_end_seconds"] = now - clock["last"]
+            clock["last"] = now
+            row = {"case": pair.name, "moving": pair.moving.image, "fixed": pair.fixed.image, **row}
+            if l2r_out:
+                write_l2r(l2r_out, l2r_name[pair.name], u, t["fixed_volume"])
+            if save_nifti:
+                save_pair_outputs(out_dir / "nifti", pair.name, t["fixed_volume"], warp(t["moving"], u), u,
+                                  row.pop("_warped_label"))
+            row.pop("_warped_label", None)
+            finished.add(row)
+            rows.append(row)
+
+        if ctx.is_main and not done:
+            finished.start(key)
+        background = run.eval.background
+        with BackgroundWriter(background) as writer:
+            loaded = prefetched(mine, lambda p: cache.pair_tensors(p, device), background)
+            quiet = bar_disabled(progress) or not ctx.is_main
+            for pair, t in tqdm(loaded, total=len(mine), desc="inference", disable=quiet):
+                u, info = register_tensors(model, run, t["moving"], t["fixed"])
+                if figures and not first:
+                    first.update(name=pair.name, moving=t["moving"], fixed=t["fixed"], u=u)
+                writer.submit(finish_pair, pair, t, u, info)
+        gathered = ddp.gather_objects(rows, ctx)
+        if not ctx.is_main:
+            for each in claimed:
+                each.close()
+            return {"rows": [], "summary": None, "paths": {}, "table": None}
+        by_case = {**done, **{r["case"]: r for part in gathered for r in part}}
+        rows = [by_case[p.name] for p in pairs]
+        summary = summarise(rows)
+        amp = amp_dtype(device, run.eval.amp) if model is not None else None
+        meta = {"dataset": run.data.name, "checkpoint": str(checkpoint) if checkpoint else None, **provenance(device),
+                "precision": precision_name(amp), "kernels": backend_name(device, amp) if isinstance(model, PLCReg) else None,
+                "ranks": ctx.world_size, "resumed_pairs": len(done),
+                "label_interpolation": run.eval.label_interpolation,
+                "hd95_units": "mm" if run.eval.hd95_spacing else "voxels", "config": run.to_dict(),
+                "model_config": model.config.to_dict() if model is not None else None,
+                "instance_optimisation": ({k: v for k, v in run.eval.__dict__.items() if k.startswith("io_")}
+                                          | {"similarity": io_similarity(run.train.similarity)})
+                if run.eval.io_steps else None}
+        paths = write_results(out_dir, rows, summary, meta)
+        if figures:
+            log = train_log or (Path(checkpoint).parent / "train_log.csv" if checkpoint and not no_network(checkpoint)
+                                else None)
+            paths["figures"] = inference_figures(out_dir / "figures", first or None, rows, run.data.labels, log)
+        finished.clear()
+        for each in claimed:
+            each.finish(log=print)
+        method = display_name(model.config.arch) if model is not None else "no network"
+        if amp is not None:
+            method += f" in {precision_name(amp)}"
+        if run.eval.io_steps:
+            method += f" + {run.eval.io_steps} IO steps"
+        ranks = f", {ctx.world_size} ranks" if ctx.distributed else ""
+        table = format_summary_table(summary, f"{run.data.name}: {len(rows)} test pairs, {method}{ranks} "
+                                              f"(labels warped by {run.eval.label_interpolation})")
+        return {"rows": rows, "summary": summary, "paths": paths, "table": table}
+    except BaseException:
+        for each in claimed:
+            each.close()
+        raise
 
 
 def score_pair(run: RunConfig, t: dict, u: torch.Tensor, info: dict) -> dict:
@@ -238,6 +250,7 @@ class FinishedPairs:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
+        self.key: dict | None = None
 
     def files(self) -> list[Path]:
         return sorted(self.folder.glob("*.row.json")) if self.folder.is_dir() else []
@@ -256,33 +269,34 @@ class FinishedPairs:
                 out[row["case"]] = row
         return out
 
-    @staticmethod
-    def signature(checkpoint, run: RunConfig) -> dict:
-        """What must not change between a stopped run and its continuation."""
-        ev = {k: v for k, v in vars(run.eval).items() if k not in ("background", "max_pairs", "compile")}
-        return json.loads(json.dumps({"checkpoint": str(checkpoint), "data": run.to_dict()["data"], "eval": ev},
-                                     default=str))
+    def start(self, key: dict) -> None:
+        """The run's resume key (weights, settings, data list: ``engine/resume_key.py``), written
+        as ``run.json`` with the first finished row (a run that fails before leaves nothing)."""
+        self.key = key
 
-    def start(self, checkpoint, run: RunConfig) -> None:
-        ensure_dir(self.folder)
-        text = json.dumps(self.signature(checkpoint, run), indent=1)
+    def _write_key(self) -> None:
+        text = json.dumps(self.key, indent=1)
         atomic_write(self.folder / "run.json", lambda tmp: Path(tmp).write_text(text))
+        self.key = None
 
-    def check_same_run(self, checkpoint, run: RunConfig) -> None:
-        """DataError when ``--resume`` would mix rows of another checkpoint or other settings."""
+    def check_same_run(self, key: dict) -> None:
+        """DataError when ``--resume`` would mix rows of other weights, settings or data."""
         path = self.folder / "run.json"
         try:
             saved = json.loads(path.read_text())
         except (OSError, ValueError):
-            return                                   # no record (an older stopped run): trust the user
-        now = self.signature(checkpoint, run)
-        diff = [k for k in now if saved.get(k) != now[k]]
-        if diff:
-            raise DataError(f"{self.folder}: the stopped run used another {' and '.join(diff)} than this one; "
-                            f"continue it with the same checkpoint and settings, or start again with --overwrite")
+            raise DataError(f"{path}: the stopped run's record is missing or damaged, so its rows cannot be "
+                            f"trusted to match this run; start again with --overwrite") from None
+        changed = changes(saved, key)
+        if changed:
+            raise DataError(f"{self.folder}: the stopped run differs from this one in {describe(changed)}; "
+                            f"continue it with the same checkpoint, settings and data, or start again with "
+                            f"--overwrite")
 
     def add(self, row: dict) -> None:
         ensure_dir(self.folder)
+        if self.key is not None:
+            self._write_key()
         text = json.dumps(row, default=float)
         atomic_write(self.folder / f"{row['case']}.row.json", lambda tmp: Path(tmp).write_text(text))
 

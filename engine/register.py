@@ -189,48 +189,54 @@ def register_files(pairs: list[PairFiles], checkpoint, out_dir, *, run: RunConfi
             if not (l2r_id(f.fixed) and l2r_id(f.moving)):
                 log(f"{f.case}: no Learn2Reg ids in the image names (<task>_<case>_<modality>.nii.gz): the field is "
                     f"written as {l2r_name[f.case]}, which the challenge's evaluation will not look up")
-    folder = ResultFolder.claim(out_dir, overwrite)
-    device = resolve_device(device)
-    model, ckpt = (None, None) if no_network(checkpoint) else load_model(checkpoint)
-    run = run or run_config_of(ckpt)
-    for key, value in (io_settings or {}).items():
-        setattr(run.eval, key, value)
-    run.eval.__post_init__()
-    if model is None and not run.eval.io_steps:
-        raise ValueError("checkpoint 'none' registers by instance optimisation alone: give --io-steps > 0")
-    if model is not None:
-        model = model.to(device).eval()
-    out_dir = Path(out_dir)
-    rows = []
-    # the next pair is read (and pre-aligned) in the background while the network runs
-    loaded = prefetched(pairs, lambda f: load_pair(f, run.data, alignment, alignment_settings, device),
-                        run.eval.background)
-    for files, p in tqdm(loaded, total=len(pairs), desc="registration", disable=bar_disabled(progress)):
-        shape = p["fixed"].shape
-        if model is not None and model.input_size(shape) != tuple(shape):
-            p["notes"].append(f"network input zero-padded from {shape} to {model.input_size(shape)}, field cropped back")
-        for note in p["notes"]:
-            log(f"{files.case}: {note}")
-        as_tensor = lambda a: volume_tensor(a, device)  # noqa: E731
-        u, info = register_tensors(model, run, as_tensor(p["moving"]), as_tensor(p["fixed"]))
-        p["l2r_name"] = l2r_name.get(files.case)
-        row = write_pair(out_dir, files, p, u, run, exports, inverse, as_tensor)
-        row.update(seconds=info["seconds"], **({"io_seconds": info["io_seconds"]} if "io_seconds" in info else {}))
-        rows.append({"case": files.case, "moving": files.moving, "fixed": files.fixed, **row,
-                     "notes": "; ".join(p["notes"])})
-    summary = summarise(rows)
-    meta = {"checkpoint": str(checkpoint), **provenance(device), "normalisation": run.data.normalisation,
-            "fixed_normalisation": run.data.fixed_normalisation or run.data.normalisation,
-            "label_interpolation": run.eval.label_interpolation,
-            "instance_optimisation": {k: v for k, v in vars(run.eval).items() if k.startswith("io_")},
-            "pre_alignment": {"kind": alignment, **({"settings": vars(alignment_settings or AlignmentSettings())}
-                                                    if alignment != "none" else {})},
-            "displacement": "voxels of the fixed grid, component i along array axis i; warped(x) = moving(x + u(x)) "
-                            "for the moving image on the fixed grid after pre-alignment",
-            "transform": "fixed point p -> p' = A_f (x + u(x)) with x = A_f^-1 p (the displacement), then "
-                         "<case>_affine.txt (with pre-alignment) takes p' to the moving image's world point"}
-    paths = write_results(out_dir, rows, summary, meta)
-    folder.finish(log=log)
+    folder = ResultFolder.claim(out_dir, overwrite, log=log)
+    folder.protect(f for files in pairs for f in (files.moving, files.fixed, files.moving_label, files.fixed_label)
+                   if f)
+    try:
+        device = resolve_device(device)
+        model, ckpt = (None, None) if no_network(checkpoint) else load_model(checkpoint)
+        run = run or run_config_of(ckpt)
+        for key, value in (io_settings or {}).items():
+            setattr(run.eval, key, value)
+        run.eval.__post_init__()
+        if model is None and not run.eval.io_steps:
+            raise ValueError("checkpoint 'none' registers by instance optimisation alone: give --io-steps > 0")
+        if model is not None:
+            model = model.to(device).eval()
+        out_dir = Path(out_dir)
+        rows = []
+        # the next pair is read (and pre-aligned) in the background while the network runs
+        loaded = prefetched(pairs, lambda f: load_pair(f, run.data, alignment, alignment_settings, device),
+                            run.eval.background)
+        for files, p in tqdm(loaded, total=len(pairs), desc="registration", disable=bar_disabled(progress)):
+            shape = p["fixed"].shape
+            if model is not None and model.input_size(shape) != tuple(shape):
+                p["notes"].append(f"network input zero-padded from {shape} to {model.input_size(shape)}, field cropped back")
+            for note in p["notes"]:
+                log(f"{files.case}: {note}")
+            as_tensor = lambda a: volume_tensor(a, device)  # noqa: E731
+            u, info = register_tensors(model, run, as_tensor(p["moving"]), as_tensor(p["fixed"]))
+            p["l2r_name"] = l2r_name.get(files.case)
+            row = write_pair(out_dir, files, p, u, run, exports, inverse, as_tensor)
+            row.update(seconds=info["seconds"], **({"io_seconds": info["io_seconds"]} if "io_seconds" in info else {}))
+            rows.append({"case": files.case, "moving": files.moving, "fixed": files.fixed, **row,
+                         "notes": "; ".join(p["notes"])})
+        summary = summarise(rows)
+        meta = {"checkpoint": str(checkpoint), **provenance(device), "normalisation": run.data.normalisation,
+                "fixed_normalisation": run.data.fixed_normalisation or run.data.normalisation,
+                "label_interpolation": run.eval.label_interpolation,
+                "instance_optimisation": {k: v for k, v in vars(run.eval).items() if k.startswith("io_")},
+                "pre_alignment": {"kind": alignment, **({"settings": vars(alignment_settings or AlignmentSettings())}
+                                                        if alignment != "none" else {})},
+                "displacement": "voxels of the fixed grid, component i along array axis i; warped(x) = moving(x + u(x)) "
+                                "for the moving image on the fixed grid after pre-alignment",
+                "transform": "fixed point p -> p' = A_f (x + u(x)) with x = A_f^-1 p (the displacement), then "
+                             "<case>_affine.txt (with pre-alignment) takes p' to the moving image's world point"}
+        paths = write_results(out_dir, rows, summary, meta)
+        folder.finish(log=log)
+    except BaseException:
+        folder.close()
+        raise
     table = format_summary_table(summary, f"{len(rows)} pair(s) registered")
     return {"rows": rows, "summary": summary, "paths": paths, "table": table}
 

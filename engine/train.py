@@ -43,6 +43,7 @@ from . import distributed as ddp
 from .assembly import checkpoint_dir
 from .evaluate import write_text
 from .objective import Objective
+from .resume_key import changes, describe, pair_files, resume_key, settings_of
 from .runtime import amp_dtype, autocast, bar_disabled, package_versions, provenance, resolve_device, seed_everything
 
 LOG_COLUMNS = ["epoch", "steps", "loss", "sim", "reg", "dice_loss", "val_dice", "skipped", "seconds", "elapsed",
@@ -138,6 +139,8 @@ class Trainer:
         if tc.val_max_pairs:
             self.val_pairs = self.val_pairs[:tc.val_max_pairs]
         self.keeper.validated = bool(self.val_pairs)
+        self.resume_key = resume_key("training", run, pair_files([p for item in self.items for p in item])
+                                     + pair_files(self.index.val_pairs()))
         sides = {side for item in self.items for pair in item for side in (pair.moving, pair.fixed)}
         sides |= {side for pair in self.val_pairs for side in (pair.moving, pair.fixed)}
         self.cache = VolumeCache(run.data, capacity=cache_capacity(run.data, len(sides), run.data.cache_mb),
@@ -187,11 +190,18 @@ class Trainer:
             self.run.model.to_dict(), self.model.state_dict(), optimizer=self.optimizer.state_dict(),
             scaler=self.scaler.state_dict(), epoch=self.epoch, best_val_dice=self.keeper.best, step=self.step,
             top=self.keeper.top, position=self.position, partial=self.partial, run_config=self.run.to_dict(),
-            torch_rng=torch.get_rng_state(), world_size=self.ctx.world_size, versions=package_versions())
+            torch_rng=torch.get_rng_state(), world_size=self.ctx.world_size, versions=package_versions(),
+            resume_key=self.resume_key)
 
     def _resume(self) -> None:
         path = self.dir / "last.pth"
         ckpt = read_checkpoint(path)
+        saved = ckpt.get("resume_key") or (          # a checkpoint of an older version: its settings only
+            {"settings": settings_of(ckpt["run_config"], "training")} if ckpt.get("run_config") else None)
+        changed = changes(saved, {k: v for k, v in self.resume_key.items() if k in saved}) if saved else []
+        if changed:
+            raise CheckpointError(f"{path}: the stopped run differs from this one in {describe(changed)}; resume "
+                                  f"it with the same settings and data, or start again with --overwrite")
         load_weights(self.model, ckpt, str(path))
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -200,7 +210,7 @@ class Trainer:
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch = int(ckpt["epoch"])
-        self.keeper.restore(ckpt)
+        self.keeper.restore(ckpt, log=lambda m: print(m, file=sys.stderr))
         self.step = int(ckpt.get("step", 0))
         self.position, self.partial = int(ckpt.get("position", 0)), dict(ckpt.get("partial", {}))
         if self.position and int(ckpt.get("world_size", 1)) != self.ctx.world_size:

@@ -7,6 +7,7 @@ checkpoint, an IXI pickle) must neither run their payload nor be accepted.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import pickle
@@ -88,6 +89,10 @@ def world(tmp_path_factory):
          "shifted_label": _nii(lab, own / "shifted_label.nii.gz", AFFINE + np.array([[0, 0, 0, 4.0]] * 3 + [[0] * 4])),
          "binary_csv": own / "pairs.csv"}
     f["binary_csv"].write_bytes(bytes(range(256)) * 4)
+    one = ("#Insight Transform File V1.0\n#Transform 0\nTransform: AffineTransform_double_3_3\n"
+           "Parameters: 1 0 0 0 1 0 0 0 1 0 0 0\nFixedParameters: 0 0 0\n")
+    (own / "two.txt").write_text(one + one.replace("#Insight Transform File V1.0\n", "").replace("#Transform 0", "#Transform 1"))
+    f["bare_field"] = _nii(np.zeros((*img.shape, 3), np.float32), own / "bare_field.nii.gz")
     (own / "traversal.csv").write_text(f"moving,fixed,name\n{f['moving']},{f['fixed']},../../escaped\n")
     (own / "absolute.csv").write_text(f"moving,fixed,name\n{f['moving']},{f['fixed']},{d}/abs_escaped\n")
     (d / "a_file").write_text("not a folder")
@@ -113,19 +118,32 @@ def world(tmp_path_factory):
             "shifted": shifted, **f}
 
 
+_FRESH = itertools.count()
+
+
+def _fresh(w, what):
+    """A folder of its own for each run (cases run side by side; a shared folder is refused as busy)."""
+    return w["dir"] / f"{what}_{next(_FRESH)}"
+
+
 def _train(w, *extra, ck=None, root=None):
     return ["Train_OASIS.py", "--data-root", str(root or w["oasis"]), "--epochs", "1", "--no-progress", *QUICK,
-            "--checkpoint-dir", str(ck or w["dir"] / "ck_new"), *extra]
+            "--checkpoint-dir", str(ck or _fresh(w, "ck_new")), *extra]
 
 
 def _infer(w, *extra, out=None, root=None, checkpoint=None):
     return ["Infer_OASIS.py", "--data-root", str(root or w["oasis"]), "--checkpoint", str(checkpoint or w["ckpt"]),
-            "--no-progress", *QUICK, "--output-dir", str(out or w["dir"] / "infer_new"), *extra]
+            "--no-progress", *QUICK, "--output-dir", str(out or _fresh(w, "infer_new")), *extra]
 
 
 def _register(w, moving, *extra, out=None, checkpoint=None):
     return ["register.py", "--moving", str(moving), "--fixed", str(w["fixed"]), "--checkpoint",
-            str(checkpoint or w["ckpt"]), "--out-dir", str(out or w["dir"] / "reg_new"), "--no-progress", *extra]
+            str(checkpoint or w["ckpt"]), "--out-dir", str(out or _fresh(w, "reg_new")), "--no-progress", *extra]
+
+
+def _warp(w, *extra, out=None):
+    return ["warp.py", "--input", str(w["moving"]), "--reference", str(w["fixed"]), "--out",
+            str(out or w["dir"] / "warp_new.nii.gz"), *extra]
 
 
 # (case, argv builder, text that must appear in the message)
@@ -173,6 +191,16 @@ CASES = [
     ("reversed CT window", lambda w: _infer(w, "--set", "data.ct_window=800,-500"), "data.ct_window (800.0, -500.0)"),
     ("Learn2Reg id not an id", lambda w: _infer(w, "--l2r-out", str(w["dir"] / "l2r_bad"), "--l2r-fixed-id", "95"),
      "(--l2r-fixed-id) '95'"),
+    ("results folder held by another run", lambda w: _infer(w, out=w["dir"] / "locked"),
+     f"in use by process {os.getpid()}"),
+    ("register folder held by another run", lambda w: _register(w, w["moving"], out=w["dir"] / "locked"),
+     f"in use by process {os.getpid()}"),
+    ("ITK file of two transforms without a composite", lambda w: _warp(w, "-t", str(w["dir"] / "own" / "two.txt")),
+     "two.txt: holds 2 transforms without a CompositeTransform header"),
+    ("field that does not say its units", lambda w: _warp(w, "-t", w["bare_field"]),
+     "bare_field.nii.gz: a field of shape"),
+    ("bogus field units", lambda w: _warp(w, "--field-units", "inches"), "--field-units"),
+    ("warp output onto its input", lambda w: _warp(w, "--overwrite", out=w["moving"]), "is the input image"),
     ("absolute name", lambda w: ["register.py", "--pairs", str(w["dir"] / "own" / "absolute.csv"),
                                  "--checkpoint", w["ckpt"], "--out-dir", str(w["dir"] / "reg_a")],
      "is not a plain file name"),
@@ -184,7 +212,7 @@ def _run(argv, cwd):
 
 
 def test_every_bad_input_stops_cleanly_and_loses_nothing(world, tmp_path):
-    before = [_digest(p) for p in world["prev"]]
+    before = [_digest(p) for p in world["prev"] + [world["dir"] / "own"]]
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda c: (c, _run(c[1](world), tmp_path)), CASES))
     failures = []
@@ -196,7 +224,7 @@ def test_every_bad_input_stops_cleanly_and_loses_nothing(world, tmp_path):
         if problems:
             failures.append(f"{name}: {', '.join(problems)} (rc {proc.returncode}): {proc.stderr.strip()[-400:]}")
     assert not failures, "\n".join(failures)
-    assert [_digest(p) for p in world["prev"]] == before
+    assert [_digest(p) for p in world["prev"] + [world["dir"] / "own"]] == before
     assert not (world["dir"].parent / "escaped").exists() and not (world["dir"] / "abs_escaped").exists()
     assert not list(tmp_path.rglob("*.nii.gz"))           # nothing written where the command ran
 
@@ -245,3 +273,96 @@ def test_bad_validation_subject_stops_before_the_first_epoch(world, tmp_path):
     proc = _run(_train(world, root=root, ck=tmp_path / "ck"), tmp_path)
     assert proc.returncode == 2 and Path(val.image).name in proc.stderr and "NaN" in proc.stderr, proc.stderr
     assert not (tmp_path / "ck" / "train_log.csv").exists() and not (tmp_path / "ck" / "last.pth").exists()
+
+
+def _limited(max_bytes):
+    """In the child: files may grow to ``max_bytes`` at most (a full disk, for a test), and a
+    write beyond it fails with an error instead of killing the process."""
+    def limit():
+        import resource
+        import signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+    return limit
+
+
+def _run_limited(argv, cwd, max_bytes):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, preexec_fn=_limited(max_bytes), timeout=300)
+
+
+def test_a_failed_write_is_one_line_naming_the_file_and_what_was_kept(world, tmp_path):
+    ck = tmp_path / "ck"
+    assert _run(_train(world, ck=ck), tmp_path).returncode == 0
+    before = _digest(ck)
+    proc = _run_limited(_train(world, "--resume", "--epochs", "2", ck=ck), tmp_path, 4096)
+    message = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert message.startswith(f"error: {ck}") and "cannot write (File too large)" in message, message
+    assert f"the last complete checkpoint {ck / 'last.pth'} is kept" in message
+    after = _digest(ck)
+    assert after["last.pth"] == before["last.pth"] and after["best.pth"] == before["best.pth"]
+    assert not [n for n in after if n.startswith(".plcreg-partial")]
+
+    out = tmp_path / "infer"
+    proc = _run_limited(_infer(world, "--save-nifti", out=out), tmp_path, 4096)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"error: {out / 'nifti'}" in proc.stderr and "finished pair(s) are kept in" in proc.stderr
+
+    proc = _run_limited(["warp.py", "--input", str(world["moving"]), "--reference", str(world["fixed"]),
+                         "--out", str(tmp_path / "w.nii.gz")], tmp_path, 1024)
+    assert proc.returncode == 2 and f"error: {tmp_path / 'w.nii.gz'}: cannot write" in proc.stderr, proc.stderr
+    assert not (tmp_path / "w.nii.gz").exists()
+
+
+def test_overwrite_removes_only_the_previous_run_s_own_files(world, tmp_path):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    assert _run(_register(world, world["moving"], out=out), tmp_path).returncode == 0
+    case = "moving_to_fixed"
+    (out / "sub1_affine.txt").write_text("another tool's transform")          # named like a result
+    elsewhere.mkdir()
+    (elsewhere / "x_warped.nii.gz").write_bytes(b"a file behind a link")
+    (out / "linked").symlink_to(elsewhere)
+    own_input = out / f"{case}_warped.nii.gz"                                  # a result used as the next input
+    before = own_input.read_bytes()
+    proc = _run(_register(world, own_input, "--overwrite", out=out), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert own_input.read_bytes() == before                                     # an input is never removed
+    assert (out / "sub1_affine.txt").read_text() == "another tool's transform"
+    assert (elsewhere / "x_warped.nii.gz").exists()
+    assert not (out / f"{case}_displacement.nii.gz").exists()                   # the previous run's own: gone
+    assert (out / f"{case}_warped_to_fixed_displacement.nii.gz").exists()
+
+
+def test_a_fresh_training_run_leaves_the_user_s_hidden_files_alone(world, tmp_path):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / ".notes.20261203.txt").write_text("my notes")
+    assert _run(_train(world, ck=ck), tmp_path).returncode == 0
+    assert (ck / ".notes.20261203.txt").read_text() == "my notes"
+
+
+def test_resume_with_other_weights_under_the_same_name_is_refused(world, tmp_path):
+    from engine.cli import build_run, infer_parser
+    from engine.infer import FinishedPairs
+    from engine.resume_key import pair_files, resume_key
+    from models import load_model
+    out, ckpt = tmp_path / "out", tmp_path / "model.pth"
+    shutil.copy(world["ckpt"], ckpt)
+    argv = _infer(world, out=out, checkpoint=ckpt)[1:]
+    run = build_run("OASIS", infer_parser("OASIS").parse_args(argv), training=False)
+    pairs = discover(run.data, None, run.train.seed).test_pairs()
+    stopped = FinishedPairs(out / "partial")                # a run stopped after its first pair
+    stopped.start(resume_key("inference", run, pair_files(pairs), load_model(ckpt)[0]))
+    stopped.add({"case": pairs[0].name, "dice": 0.5})
+    rows_before = _digest(out)
+    cfg = RunConfig()
+    for o in quick_overrides("OASIS"):
+        apply_override(cfg, o)
+    save_model(ckpt, build_model(cfg.model))               # replaced in place: same path, other weights
+    proc = _run(["Infer_OASIS.py", *argv, "--resume"], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "the stopped run differs from this one in weights;" in proc.stderr
+    assert _digest(out) == rows_before

@@ -141,3 +141,55 @@ def test_warp_py_keeps_an_existing_output(result, tmp_path):
     assert warp.main(["--input", result["moving"], "--reference", result["fixed"], "--out", str(target),
                       "--overwrite"]) == 0
     assert nib.load(str(target)).shape == SHAPE
+
+
+def test_warp_py_reads_a_composite_affine_file_in_itk_order(result, tmp_path):
+    """The register.py affine split into two factors written as one CompositeTransform file."""
+    sitk = pytest.importorskip("SimpleITK")
+    out = result["out"]
+    whole = sitk.ReadTransform(str(out / f"{CASE}_affine.txt"))
+    whole = sitk.AffineTransform(whole)
+    a = np.radians(20.0)
+    inner = sitk.AffineTransform(3)              # acts on the point first: the file's last transform
+    inner.SetMatrix((np.cos(a), -np.sin(a), 0, np.sin(a), np.cos(a), 0, 0, 0, 1))
+    inner.SetTranslation((3.0, -1.0, 2.0))
+    m_inner = np.eye(4)
+    m_inner[:3, :3], m_inner[:3, 3] = np.reshape(inner.GetMatrix(), (3, 3)), inner.GetTranslation()
+    m_whole = np.eye(4)
+    m_whole[:3, :3] = np.reshape(whole.GetMatrix(), (3, 3))
+    m_whole[:3, 3] = np.array(whole.GetTranslation()) + whole.GetCenter() - m_whole[:3, :3] @ whole.GetCenter()
+    m_outer = m_whole @ np.linalg.inv(m_inner)
+    outer = sitk.AffineTransform(3)
+    outer.SetMatrix(m_outer[:3, :3].ravel().tolist())
+    outer.SetTranslation(m_outer[:3, 3].tolist())
+    sitk.WriteTransform(sitk.CompositeTransform([outer, inner]), str(tmp_path / "composite.txt"))
+    assert warp.main(["--input", result["moving"], "--reference", result["fixed"], "--out",
+                      str(tmp_path / "image.nii.gz"), "-t", str(out / f"{CASE}_displacement.nii.gz"),
+                      "-t", str(tmp_path / "composite.txt")]) == 0
+    ours = _array(out / f"{CASE}_warped.nii.gz")
+    assert np.abs(_array(tmp_path / "image.nii.gz") - ours).max() < 1e-3 * ours.max()
+
+
+def test_warp_py_asks_the_units_of_a_field_that_does_not_say_them(result, tmp_path):
+    img = nib.load(str(result["out"] / f"{CASE}_displacement.nii.gz"))
+    bare = tmp_path / "bare_field.nii.gz"              # (X, Y, Z, 3) in voxels, no intent: voxelmorph-like
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, :, 0, :], img.affine), str(bare))
+    args = ["--input", result["moving"], "--reference", result["fixed"], "--out", str(tmp_path / "o.nii.gz"),
+            "-t", str(bare), "-t", str(result["out"] / f"{CASE}_affine.txt")]
+    res = run_script("warp.py", args, cwd=ROOT)
+    assert res.returncode == 2 and "bare_field.nii.gz: a field of shape (30, 34, 28, 3)" in res.stderr
+    assert "--field-units" in res.stderr and "Traceback" not in res.stderr and not (tmp_path / "o.nii.gz").exists()
+    assert warp.main([*args, "--field-units", "voxels"]) == 0
+    ours = _array(result["out"] / f"{CASE}_warped.nii.gz")
+    assert np.abs(_array(tmp_path / "o.nii.gz") - ours).max() < 1e-3 * ours.max()
+
+
+def test_warp_py_warns_when_nothing_overlaps(result, tmp_path):
+    far = np.eye(4)
+    far[:3, 3] = [500.0, 0.0, 0.0]
+    from utils.itk import write_itk_affine
+    write_itk_affine(tmp_path / "far.txt", far)
+    res = run_script("warp.py", ["--input", result["moving"], "--reference", result["fixed"], "--out",
+                                 str(tmp_path / "o.nii.gz"), "-t", str(tmp_path / "far.txt")], cwd=ROOT)
+    assert res.returncode == 0 and "warning:" in res.stderr and "no voxel of the reference grid maps inside" in res.stderr
+    assert not _array(tmp_path / "o.nii.gz").any()

@@ -16,13 +16,14 @@ import math
 import os
 import pickle
 import re
+import secrets
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from .folder_lock import FolderLock
-from .io import DataError, atomic_write, ensure_dir, remove_stale_temporaries, require_file
+from .io import TEMP_PREFIX, DataError, atomic_write, ensure_dir, remove_stale_temporaries, require_file
 
 FORMAT = "plcreg-checkpoint-v1"
 # files of a training run in its checkpoint folder (besides the top-k dsc*.pth)
@@ -138,15 +139,40 @@ class CheckpointKeeper:
     def close(self) -> None:
         self.lock.release()
 
-    def restore(self, ckpt: dict) -> None:
-        """Best score and top-k list from a resumed checkpoint."""
+    def restore(self, ckpt: dict, log: Callable = print) -> None:
+        """Best score and top-k list from a resumed ``last.pth``, and the folder made to agree with it.
+
+        A run killed while saving may have left the new epoch's top-k file and ``best.pth``
+        written but not yet ``last.pth`` (the order of ``save``): that top-k file, which
+        ``last.pth`` does not list, is removed (the epoch is trained again), and a ``best.pth``
+        newer than ``last.pth`` is kept as the best so far, its score taken from it.
+        """
         self.best = float(ckpt.get("best_val_dice", -math.inf))
-        self.top = [tuple(t) for t in ckpt.get("top", [])]
+        self.top = [tuple(t) for t in ckpt.get("top", []) if (self.folder / t[1]).is_file()]
+        listed = {name for _, name in self.top}
+        orphans = [p for p in self.folder.glob("dsc*_ep*.pth") if p.name not in listed and p.is_file()]
+        for p in orphans:
+            p.unlink()
+        if orphans:
+            log(f"note: {self.folder}: removed {', '.join(p.name for p in orphans)}, written by the interrupted "
+                f"save of an epoch that is trained again")
+        best = self.folder / "best.pth"
+        if best.is_file():
+            try:
+                saved = load_weights_only(best)
+            except CheckpointError:
+                return
+            if int(saved.get("epoch", -1)) > int(ckpt.get("epoch", 0)):
+                self.best = max(self.best, float(saved.get("best_val_dice", -math.inf)))
 
     def save_last(self, state: dict) -> Path:
         return atomic_save(state, self.folder / "last.pth")
 
     def save(self, state_fn: Callable[[], dict], score: float, epoch: int) -> None:
+        """Write the epoch's checkpoints so that a kill at any moment leaves them consistent:
+        the new top-k file and ``best.pth`` first (one file, hard-linked where the disk allows),
+        then ``last.pth`` recording them, and only then the top-k files it no longer lists are
+        removed. ``last.pth`` never names a file that does not exist."""
         improved = (math.isfinite(score) and score > self.best) or not self.validated
         if improved:
             self.best = score
@@ -156,10 +182,29 @@ class CheckpointKeeper:
             ranked = sorted(self.top + [(score, name)], key=lambda t: -t[0])
             self.top, dropped = ranked[:self.keep_top_k], [n for _, n in ranked[self.keep_top_k:]]
         state = state_fn()
-        self.save_last(state)
-        if improved:
-            atomic_save(state, self.folder / "best.pth")
+        written = None
         if name is not None and name not in dropped:
-            atomic_save(state, self.folder / name)
+            written = atomic_save(state, self.folder / name)
+        if improved:
+            if written is None or not _link_over(written, self.folder / "best.pth"):
+                atomic_save(state, self.folder / "best.pth")
+        self.save_last(state)
         for old in dropped:
-            (self.folder / old).unlink(missing_ok=True)
+            if old != name:
+                (self.folder / old).unlink(missing_ok=True)
+
+
+def _link_over(source: Path, target: Path) -> bool:
+    """Make ``target`` a hard link to ``source``, replacing it atomically; False where the disk has
+    no hard links (the caller writes a copy)."""
+    temporary = target.with_name(f"{TEMP_PREFIX}{target.stem}.{secrets.token_hex(4)}{target.suffix}")
+    try:
+        os.link(source, temporary)
+    except OSError:
+        return False
+    try:
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return True

@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
 from .checks import as_numpy, as_spatial_field  # noqa: E402
+from .io import atomic_write  # noqa: E402
 
 PLANES = ("axis 0", "axis 1", "axis 2")
 
@@ -33,11 +34,10 @@ def _slice(vol: np.ndarray, axis: int, index: int | None = None) -> np.ndarray:
 
 
 def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+    finally:
+        plt.close(fig)
 
 
 def registration_panels(moving, fixed, warped, path, title: str = "") -> Path:

@@ -6,6 +6,7 @@ fixed image of the pair), so outputs overlay the fixed image in ITK-SNAP or 3D S
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
@@ -250,7 +251,30 @@ def check_same_grid(a: Volume, b: Volume, atol: float = 1e-3) -> None:
 # ---------------------------------------------------------------------------
 # writing
 # ---------------------------------------------------------------------------
-TEMP_PREFIX = ".tmp."
+TEMP_PREFIX = ".plcreg-partial."      # the one name of this project's temporary files
+# errors of a write that the user can act on (full disk, quota, permissions, read-only disk, size limit)
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
+_write_observers: list = []
+
+
+class WriteError(DataError):
+    """A file could not be written (disk full, permissions, ...); the message names it and what is kept."""
+
+
+def observe_writes(observer) -> None:
+    """Call ``observer(path, phase)`` around every ``atomic_write``: phase 'start' before the
+    file is written, 'done' after it is in place (result folders record their files so)."""
+    _write_observers.append(observer)
+
+
+def unobserve_writes(observer) -> None:
+    if observer in _write_observers:
+        _write_observers.remove(observer)
+
+
+def _notify(path: Path, phase: str) -> None:
+    for observer in list(_write_observers):
+        observer(path, phase)
 
 
 def ensure_dir(path) -> Path:
@@ -283,40 +307,60 @@ def current_umask() -> int:
 def atomic_write(path, write) -> Path:
     """Call ``write(tmp_path)`` then rename the temporary file over ``path``.
 
-    The temporary file lies in the same folder, named ``.tmp.<name>.<random><suffix>``
-    (``remove_stale_temporaries`` finds those a killed process left), and gets the mode a
-    plain ``open`` would give it (0666 less the umask).
+    The temporary file lies in the same folder, named ``.plcreg-partial.<name>.<random><suffix>``
+    (``remove_stale_temporaries`` finds those a killed process left, and nothing else), and
+    gets the mode a plain ``open`` would give it (0666 less the umask). A full disk, a quota,
+    missing permissions or a read-only disk raise ``WriteError`` naming the file; the
+    temporary is removed and an earlier version of ``path`` stays as it was.
     """
     path = Path(path)
     ensure_dir(path.parent)
+    _notify(path, "start")
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name[:-len(suffix)] or path.name}.", suffix=suffix,
-                               dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name[:-len(suffix)] or path.name}.",
+                                   suffix=suffix, dir=path.parent)
+        os.close(fd)
         os.chmod(tmp, 0o666 & ~current_umask())
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        problem = _write_problem(exc)
+        if problem is None:
+            raise
+        kept = "its previous version is unchanged" if path.exists() else "nothing was written in its place"
+        raise WriteError(f"{path}: cannot write ({problem}); {kept}") from None
+    _notify(path, "done")
     return path
 
 
-_STALE_TEMPORARY = re.compile(r"^\.tmp\..+|^\..+\.[a-z0-9_]{8}(\.[A-Za-z0-9_]+)+$")
+def _write_problem(exc: BaseException) -> str | None:
+    """The user-facing reason of a failed write, or None for errors that are not about the disk."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+            return exc.strerror or os.strerror(exc.errno)
+        exc = exc.__cause__ or exc.__context__        # torch.save and nibabel wrap the OSError
+    return None
+
+
+_STALE_TEMPORARY = re.compile(r"^" + re.escape(TEMP_PREFIX) + r".+\.[a-z0-9_]{8}(\.nii\.gz|\.[A-Za-z0-9_]+)$")
 
 
 def remove_stale_temporaries(folder) -> list[Path]:
     """Delete the temporary files that writes killed midway left in ``folder``; returns them.
 
-    Matches the atomic writer's names (``.tmp.<name>.<8 random characters><suffix>``, and the
-    older ``.<name>.<8 random characters><suffixes>``); call it only while holding the folder.
+    Only files named as ``atomic_write`` names its temporaries
+    (``.plcreg-partial.<name>.<8 random characters><suffix>``) are touched; call it only while
+    holding the folder.
     """
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    stale = [p for p in folder.iterdir() if p.is_file() and _STALE_TEMPORARY.match(p.name)]
+    stale = [p for p in folder.iterdir()
+             if _STALE_TEMPORARY.match(p.name) and p.is_file() and not p.is_symlink()]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale

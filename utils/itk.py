@@ -13,7 +13,10 @@ ITK works in LPS (+x left, +y posterior): a point flips its first two coordinate
 * Affine: an ITK transform file (``#Insight Transform File V1.0``, ``AffineTransform_double_3_3``,
   12 parameters: the 3x3 matrix row by row, then the translation, and the centre in
   ``FixedParameters``): fixed LPS point -> moving LPS point, ``y = M (x - c) + c + t``.
-  ANTs's binary ``.mat`` files hold the same numbers and are read too.
+  ANTs's binary ``.mat`` files hold the same numbers and are read too. A CompositeTransform
+  text file of affines is read as their composition in ITK's order (the file's last transform
+  acts on the point first); several transforms without that header are refused, as ITK's
+  readers would silently take the first.
 """
 from __future__ import annotations
 
@@ -93,26 +96,56 @@ def _lps_matrix(params, fixed, path) -> np.ndarray:
     return out
 
 
+def _sections(lines: list[str]) -> list[dict]:
+    """The transforms of an ITK text file in file order: one dict of fields each."""
+    sections: list[dict] = []
+    for line in lines:
+        if ":" not in line or line.startswith("#"):
+            continue
+        key, value = (part.strip() for part in line.split(":", 1))
+        if key == "Transform":
+            sections.append({})
+        if sections:
+            sections[-1].setdefault(key, value)
+    return sections
+
+
+def _section_matrix(section: dict, path: Path, where: str) -> np.ndarray:
+    kind = section.get("Transform", "")
+    if kind not in AFFINE_TYPES:
+        raise DataError(f"{path}: {where}transform type {kind or '(none)'!r} is not supported; expected one of "
+                        f"{', '.join(AFFINE_TYPES)}")
+    try:
+        params = [float(v) for v in section.get("Parameters", "").split()]
+        fixed = [float(v) for v in section.get("FixedParameters", "").split()]
+    except ValueError:
+        raise DataError(f"{path}: {where}Parameters / FixedParameters are not numbers") from None
+    return _lps_matrix(params, fixed, path)
+
+
 def _read_text(path: Path) -> np.ndarray:
+    """One affine, or a CompositeTransform of affines composed as ITK applies them: the last
+    transform of the file acts on the point first (T = T1 o T2 o ... o Tn)."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
         raise DataError(f"{path}: not an ITK text transform file (not UTF-8 text)") from None
-    fields = {}
-    for line in lines:
-        if ":" in line and not line.startswith("#"):
-            key, value = line.split(":", 1)
-            fields.setdefault(key.strip(), value.strip())
-    kind = fields.get("Transform", "")
-    if kind not in AFFINE_TYPES:
-        raise DataError(f"{path}: transform type {kind or '(none)'!r} is not supported; expected one of "
-                        f"{', '.join(AFFINE_TYPES)}")
-    try:
-        params = [float(v) for v in fields.get("Parameters", "").split()]
-        fixed = [float(v) for v in fields.get("FixedParameters", "").split()]
-    except ValueError:
-        raise DataError(f"{path}: Parameters / FixedParameters are not numbers") from None
-    return _lps_matrix(params, fixed, path)
+    sections = _sections(lines)
+    if not sections:
+        raise DataError(f"{path}: no 'Transform:' line; not an ITK text transform file")
+    if sections[0].get("Transform", "").startswith("CompositeTransform"):
+        parts = sections[1:]
+        if not parts:
+            raise DataError(f"{path}: a CompositeTransform without transforms")
+        out = np.eye(4)
+        for i, section in enumerate(parts, start=1):
+            out = out @ _section_matrix(section, path, f"transform {i} of the composite: ")
+        return out
+    if len(sections) > 1:
+        raise DataError(f"{path}: holds {len(sections)} transforms without a CompositeTransform header, which ITK "
+                        f"tools read as the first alone; give them as separate -t files (in the order they act "
+                        f"on a point) or as one CompositeTransform file")
+    return _section_matrix(sections[0], path, "")
 
 
 def _read_mat(path: Path) -> np.ndarray:

@@ -81,6 +81,13 @@ def source_voxels(chain, reference_shape, reference_affine, source_affine, devic
     return apply_matrix(points, np.linalg.inv(source_affine))
 
 
+def overlap(chain, reference_shape, reference_affine, source_shape, source_affine, device="cpu") -> float:
+    """Fraction of the reference grid's voxels that read inside the source grid through ``chain``."""
+    voxels = source_voxels(chain, reference_shape, reference_affine, source_affine, device)
+    top = torch.tensor(source_shape, dtype=voxels.dtype, device=voxels.device).view(3, 1, 1, 1) - 1
+    return float(((voxels >= 0) & (voxels <= top)).all(0).double().mean())
+
+
 def resample_image(array: np.ndarray, affine: np.ndarray, reference_shape, reference_affine, chain=(),
                    device="cpu") -> np.ndarray:
     """An image (trilinear) on the reference grid through ``chain``; 0 outside it. float32."""
@@ -98,5 +105,5 @@ def resample_labels(array: np.ndarray, affine: np.ndarray, reference_shape, refe
     return out[0, 0].cpu().numpy()
 
 
-__all__ = ["AffineMap", "FieldMap", "apply_matrix", "voxel_points", "sample_at", "source_voxels",
+__all__ = ["AffineMap", "FieldMap", "apply_matrix", "voxel_points", "sample_at", "source_voxels", "overlap",
            "resample_image", "resample_labels"]

@@ -64,10 +64,22 @@ def test_a_stopped_run_resumes_without_redoing_finished_pairs(setting, tmp_path,
     # a fresh run into that folder is refused: it would lose the stopped run's work
     with pytest.raises(DataError, match="finished pair"):
         infer(_run(setting, out), setting["ckpt"], progress=False)
-    # nor may it continue with other settings: its rows would be mixed with other ones
-    with pytest.raises(DataError, match="another eval"):
+    # nor may it continue with other settings, weights or data: its rows would be mixed with other ones
+    with pytest.raises(DataError, match=r"eval.label_interpolation \('nearest' -> 'onehot'\)"):
         infer(_run(setting, out, **{"eval.label_interpolation": "onehot"}), setting["ckpt"], progress=False,
               resume=True)
+    replaced = tmp_path / "replaced"            # other weights (compared by content, not by the path)
+    replaced.mkdir()
+    retrained = build_model(ModelConfig(widths=(4, 8, 16, 16, 16), num_heads=2, window_size=(2, 2, 2)))
+    with pytest.raises(DataError, match="differs from this one in weights;"):
+        infer(_run(setting, out), save_model(replaced / "tiny.pth", retrained), progress=False, resume=True)
+    data = tmp_path / "OASIS"                              # the data set with one test image replaced
+    import shutil
+    shutil.copytree(setting["data"], data)
+    victim = sorted((data / "Test").glob("*.nii.gz"))[-1]
+    nib.save(nib.Nifti1Image(np.zeros((9, 9, 9), np.float32), AFFINE), str(victim))
+    with pytest.raises(DataError, match="differs from this one in data list;"):
+        infer(_run(setting, out, **{"data.root": str(data)}), setting["ckpt"], progress=False, resume=True)
     calls.clear()
     monkeypatch.setattr(infer_module, "register_tensors", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     result = infer(_run(setting, out), setting["ckpt"], progress=False, resume=True)

@@ -9,7 +9,7 @@ import utils.checkpoint as ckpt_mod
 from engine import process
 from engine.train import Trainer, TrainingDiverged, TrainingInterrupted
 from tests.layouts import quick_overrides, write_oasis
-from utils.checkpoint import read_checkpoint
+from utils.checkpoint import CheckpointError, read_checkpoint
 from utils.config import apply_override, preset
 
 
@@ -34,6 +34,12 @@ def test_resume_equals_uninterrupted_run(oasis_root, tmp_path):
     full.fit()
     first = Trainer(_run(oasis_root, tmp_path / "split", 1), progress=False)
     first.fit()
+    # other settings or other data would make the resumed run another experiment: refused, named
+    with pytest.raises(CheckpointError, match=r"differs from this one in train.lr \(0.0004 -> 0.001\)"):
+        Trainer(_run(oasis_root, tmp_path / "split", 2, **{"train.lr": 1e-3}), resume=True, progress=False)
+    other = write_oasis(tmp_path / "OASIS_other", n_train=5, n_test=1)
+    with pytest.raises(CheckpointError, match="differs from this one in data list;"):
+        Trainer(_run(other, tmp_path / "split", 2), resume=True, progress=False)
     resumed = Trainer(_run(oasis_root, tmp_path / "split", 2), resume=True, progress=False)
     assert resumed.epoch == 1
     resumed.fit()

@@ -118,3 +118,75 @@ def test_kill_during_writes_leaves_a_loadable_last_and_no_temporaries(tmp_path):
 
 def read_checkpoint_state(path):
     return load_weights_only(path)
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL between two file operations of a save."""
+
+
+SCORES = [0.5, 0.7, 0.6, 0.8, 0.4, 0.75]
+
+
+def _train_like(keeper, epochs):
+    for epoch in epochs:
+        keeper.save(lambda e=epoch: {"epoch": e, "best_val_dice": keeper.best, "top": list(keeper.top)},
+                    SCORES[epoch - 1], epoch)
+
+
+def _consistent(folder):
+    """The invariants a resumed run relies on, read from the files alone."""
+    last = load_weights_only(folder / "last.pth")
+    listed = [name for _, name in last["top"]]
+    assert all((folder / n).is_file() for n in listed), (listed, sorted(p.name for p in folder.iterdir()))
+    assert load_weights_only(folder / "best.pth")["best_val_dice"] >= last["best_val_dice"]
+    return last
+
+
+@pytest.mark.parametrize("kill_at", range(5))
+def test_a_kill_at_any_file_operation_of_a_save_leaves_last_best_and_top_k_consistent(tmp_path, monkeypatch,
+                                                                                   kill_at):
+    import utils.checkpoint as ck
+    reference = tmp_path / "reference"
+    _train_like(CheckpointKeeper(reference, keep_top_k=2).open(log=lambda m: None), range(1, 7))
+    folder = tmp_path / "killed"
+    keeper = CheckpointKeeper(folder, keep_top_k=2).open(log=lambda m: None)
+    _train_like(keeper, range(1, 4))
+    # epoch 4 improves the best and drops epoch 3's file: dsc write, best, last, removal
+    operations = {"n": 0}
+
+    def counted(real):
+        def op(*args, **kw):
+            if operations["n"] == kill_at:
+                raise Killed
+            operations["n"] += 1
+            return real(*args, **kw)
+        return op
+    monkeypatch.setattr(ck, "atomic_save", counted(ck.atomic_save))
+    monkeypatch.setattr(ck, "_link_over", counted(ck._link_over))
+    monkeypatch.setattr(Path, "unlink", counted(Path.unlink))
+    try:
+        _train_like(keeper, [4])
+    except Killed:
+        pass
+    monkeypatch.undo()
+    keeper.lock.release()
+    last = _consistent(folder)
+    resumed = CheckpointKeeper(folder, keep_top_k=2).open(resume=True, log=lambda m: None)
+    resumed.restore(last, log=lambda m: None)
+    assert sorted(p.name for p in folder.glob("dsc*.pth")) == sorted(n for _, n in resumed.top)
+    _train_like(resumed, range(last["epoch"] + 1, 7))
+    resumed.close()
+    _consistent(folder)
+    names = lambda f: sorted(p.name for p in f.iterdir() if p.name != ".lock")   # noqa: E731
+    assert names(folder) == names(reference)
+    for name in ("best.pth", "last.pth"):
+        assert load_weights_only(folder / name)["epoch"] == load_weights_only(reference / name)["epoch"]
+
+
+def test_user_files_that_look_temporary_are_left_alone(tmp_path):
+    (tmp_path / ".notes.20261203.txt").write_text("mine")
+    (tmp_path / ".tmp.plan.abcdefgh.txt").write_text("mine too")
+    (tmp_path / ".plcreg-partial.last.k3j9x0_q.pth").write_bytes(b"left by a killed write")
+    keeper = CheckpointKeeper(tmp_path).open(log=lambda m: None)
+    keeper.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.20261203.txt", ".tmp.plan.abcdefgh.txt"]

@@ -6,7 +6,7 @@ import torch
 from scipy import ndimage
 
 from tests.helpers import smooth_image
-from utils.io import Volume
+from utils.io import DataError, Volume
 from utils.itk import RAS_TO_LPS, read_itk_affine, voxel_displacement, write_itk_affine, write_itk_displacement
 from utils.transforms import AffineMap, FieldMap, resample_image
 
@@ -103,3 +103,32 @@ def test_affine_file_is_read_by_simpleitk_and_back(tmp_path):
         read = read_itk_affine(tmp_path / name)
         q = RAS_TO_LPS[:3, :3] @ (read[:3, :3] @ p_ras + read[:3, 3])
         assert np.allclose(q, centred.TransformPoint(p_lps.tolist()), atol=1e-6), name
+
+
+def test_a_composite_of_affines_acts_as_simpleitk_applies_it(tmp_path):
+    first, second = sitk.AffineTransform(3), sitk.AffineTransform(3)
+    first.SetMatrix((1.1, 0.0, 0.05, 0.0, 0.9, 0.0, 0.0, 0.1, 1.0))
+    first.SetCenter((4.0, -2.0, 1.0))
+    second.SetMatrix((0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))     # order matters: a rotation
+    second.SetTranslation((10.0, -3.0, 2.0))
+    path = tmp_path / "composite.txt"
+    sitk.WriteTransform(sitk.CompositeTransform([first, second]), str(path))
+    read = read_itk_affine(path)
+    theirs = sitk.ReadTransform(str(path))
+    for p_ras in ([10.0, -4.0, 7.0], [-3.0, 8.0, 0.5]):
+        q_lps = np.array(theirs.TransformPoint((RAS_TO_LPS[:3, :3] @ p_ras).tolist()))
+        assert np.allclose(RAS_TO_LPS[:3, :3] @ q_lps, read[:3, :3] @ p_ras + read[:3, 3], atol=1e-9)
+
+
+def test_several_transforms_without_a_composite_header_are_refused(tmp_path):
+    one = write_itk_affine(tmp_path / "one.txt", _pre_alignment()).read_text()
+    two = one + one.replace("#Insight Transform File V1.0\n", "").replace("#Transform 0", "#Transform 1")
+    (tmp_path / "two.txt").write_text(two)
+    with pytest.raises(DataError, match="two.txt: holds 2 transforms without a CompositeTransform"):
+        read_itk_affine(tmp_path / "two.txt")
+    field_in_composite = ("#Insight Transform File V1.0\n#Transform 0\nTransform: CompositeTransform_double_3_3\n"
+                          "#Transform 1\nTransform: DisplacementFieldTransform_double_3_3\n")
+    (tmp_path / "field.txt").write_text(field_in_composite)
+    with pytest.raises(DataError, match="transform 1 of the composite: transform type "
+                                        "'DisplacementFieldTransform_double_3_3' is not supported"):
+        read_itk_affine(tmp_path / "field.txt")
