@@ -1,6 +1,6 @@
 """The main job on the embedded demo data: build it, train PLCReg on the CPU, infer, report, draw.
 
-    python demo.py            # about 8 minutes on 2 CPU cores
+    python demo.py            # about 6 minutes on 2 CPU cores (5 of them training)
     python demo.py --quick    # under a minute: 4 mm data, a few training steps (used by the tests)
 
 1. Builds a demo data set in the OASIS layout from the embedded MNI ICBM152 template

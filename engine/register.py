@@ -98,9 +98,12 @@ def read_pairs_csv(path) -> list[PairFiles]:
         check_case_name(pairs[-1].case, f"{path}: line {line}")
     if not pairs:
         raise DataError(f"{path}: no pairs")
-    names = [p.case for p in pairs]
-    if len(set(names)) != len(names):
-        raise DataError(f"{path}: two pairs would write the same output name; add a 'name' column")
+    lines = {}
+    for line, pair in enumerate(pairs, start=2):
+        if pair.case in lines:
+            raise DataError(f"{path}: lines {lines[pair.case]} and {line} would both write {pair.case!r}; give "
+                            f"them different names in a 'name' column")
+        lines[pair.case] = line
     return pairs
 
 

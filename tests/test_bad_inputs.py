@@ -93,6 +93,7 @@ def world(tmp_path_factory):
            "Parameters: 1 0 0 0 1 0 0 0 1 0 0 0\nFixedParameters: 0 0 0\n")
     (own / "two.txt").write_text(one + one.replace("#Insight Transform File V1.0\n", "").replace("#Transform 0", "#Transform 1"))
     f["bare_field"] = _nii(np.zeros((*img.shape, 3), np.float32), own / "bare_field.nii.gz")
+    (own / "dup.csv").write_text(f"moving,fixed\n{f['moving']},{f['fixed']}\n{f['moving']},{f['fixed']}\n")
     (own / "traversal.csv").write_text(f"moving,fixed,name\n{f['moving']},{f['fixed']},../../escaped\n")
     (own / "absolute.csv").write_text(f"moving,fixed,name\n{f['moving']},{f['fixed']},{d}/abs_escaped\n")
     (d / "a_file").write_text("not a folder")
@@ -201,6 +202,9 @@ CASES = [
      "bare_field.nii.gz: a field of shape"),
     ("bogus field units", lambda w: _warp(w, "--field-units", "inches"), "--field-units"),
     ("warp output onto its input", lambda w: _warp(w, "--overwrite", out=w["moving"]), "is the input image"),
+    ("two pairs with one output name", lambda w: ["register.py", "--pairs", str(w["dir"] / "own" / "dup.csv"),
+                                                  "--checkpoint", w["ckpt"], "--out-dir", str(_fresh(w, "reg_dup"))],
+     "lines 2 and 3 would both write 'moving_to_fixed'"),
     ("absolute name", lambda w: ["register.py", "--pairs", str(w["dir"] / "own" / "absolute.csv"),
                                  "--checkpoint", w["ckpt"], "--out-dir", str(w["dir"] / "reg_a")],
      "is not a plain file name"),

@@ -23,7 +23,9 @@ from typing import Any, Callable
 import torch
 
 from .folder_lock import FolderLock
-from .io import TEMP_PREFIX, DataError, atomic_write, ensure_dir, remove_stale_temporaries, require_file
+from .io import (TEMP_PREFIX, DataError, atomic_write, ensure_dir, notify_write, remove_stale_temporaries,
+                 require_file)
+from .outputs import MANIFEST, WriteRecorder, own_files
 
 FORMAT = "plcreg-checkpoint-v1"
 # files of a training run in its checkpoint folder (besides the top-k dsc*.pth)
@@ -107,6 +109,7 @@ class CheckpointKeeper:
         self.folder, self.keep_top_k, self.validated = Path(folder), keep_top_k, validated
         self.best, self.top = -math.inf, []          # best score; [(score, file name)] best first
         self.lock = FolderLock(self.folder)
+        self.recorder: WriteRecorder | None = None
 
     def previous_run_files(self) -> list[Path]:
         if not self.folder.is_dir():
@@ -128,15 +131,34 @@ class CheckpointKeeper:
                         f"{self.folder}: holds a previous run ({', '.join(p.name for p in previous[:6])}); "
                         f"continue it with --resume, replace it with --overwrite, or choose another "
                         f"--checkpoint-dir")
-                for p in previous:
-                    p.unlink()
-                log(f"note: {self.folder}: --overwrite: removed the previous run's {len(previous)} file(s)")
+                self._remove_previous(previous, log)
+            self.recorder = WriteRecorder(self.folder)
         except BaseException:
             self.lock.release()
             raise
         return self
 
+    def _remove_previous(self, previous: list[Path], log: Callable) -> None:
+        """--overwrite: the previous run's files that this project wrote and nobody changed since
+        (by the folder's manifest; a folder of a version without one: every file of the run's names)."""
+        legacy = not (self.folder / MANIFEST).exists()
+        ours = own_files(self.folder)
+        removed = [p for p in previous if (legacy and p.is_file() and not p.is_symlink()) or p.name in ours]
+        for p in removed:
+            p.unlink()
+        log(f"note: {self.folder}: --overwrite: removed the previous run's {len(removed)} file(s)")
+        kept = [p.name for p in previous if p not in removed]
+        if kept:
+            log(f"note: {self.folder}: kept {', '.join(kept)}: not written by this project, or changed since "
+                f"(the new run writes its own files of those names)")
+
     def close(self) -> None:
+        """Stop recording writes, keep the manifest to what the folder holds, release the folder."""
+        if self.recorder is not None:
+            self.recorder.close()
+            self.recorder.manifest.rewrite({rel: {"file": rel, "identity": ident}
+                                            for rel, ident in own_files(self.folder).items()})
+            self.recorder = None
         self.lock.release()
 
     def restore(self, ckpt: dict, log: Callable = print) -> None:
@@ -186,8 +208,9 @@ class CheckpointKeeper:
         if name is not None and name not in dropped:
             written = atomic_save(state, self.folder / name)
         if improved:
-            if written is None or not _link_over(written, self.folder / "best.pth"):
-                atomic_save(state, self.folder / "best.pth")
+            best = self.folder / "best.pth"
+            if written is None or not _link_over(written, best):
+                atomic_save(state, best)
         self.save_last(state)
         for old in dropped:
             if old != name:
@@ -198,6 +221,7 @@ def _link_over(source: Path, target: Path) -> bool:
     """Make ``target`` a hard link to ``source``, replacing it atomically; False where the disk has
     no hard links (the caller writes a copy)."""
     temporary = target.with_name(f"{TEMP_PREFIX}{target.stem}.{secrets.token_hex(4)}{target.suffix}")
+    notify_write(target, "start")
     try:
         os.link(source, temporary)
     except OSError:
@@ -207,4 +231,5 @@ def _link_over(source: Path, target: Path) -> bool:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+    notify_write(target, "done")
     return True

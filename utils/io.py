@@ -272,9 +272,11 @@ def unobserve_writes(observer) -> None:
         _write_observers.remove(observer)
 
 
-def _notify(path: Path, phase: str) -> None:
+def notify_write(path: Path, phase: str) -> None:
+    """Tell the observers of a file placed without ``atomic_write`` (a hard link): phase
+    'start' before, 'done' after."""
     for observer in list(_write_observers):
-        observer(path, phase)
+        observer(Path(path), phase)
 
 
 def ensure_dir(path) -> Path:
@@ -315,7 +317,7 @@ def atomic_write(path, write) -> Path:
     """
     path = Path(path)
     ensure_dir(path.parent)
-    _notify(path, "start")
+    notify_write(path, "start")
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix or ".tmp"
     tmp = None
     try:
@@ -333,7 +335,7 @@ def atomic_write(path, write) -> Path:
             raise
         kept = "its previous version is unchanged" if path.exists() else "nothing was written in its place"
         raise WriteError(f"{path}: cannot write ({problem}); {kept}") from None
-    _notify(path, "done")
+    notify_write(path, "done")
     return path
 
 

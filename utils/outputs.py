@@ -3,7 +3,7 @@
 ``ResultFolder.claim(path, overwrite)`` is called before a run reads any data. It takes the
 folder's lock (``utils/folder_lock.py``: a second live run into the same folder is refused
 and named, a dead holder's lock is taken over) and reads the folder's manifest,
-``.plcreg-results.jsonl``: one line per file this project wrote there (its relative path
+``.plcreg-manifest.jsonl``: one line per file this project wrote there (its relative path
 before the write; its inode, size and modification time after it), appended as each file is
 written, so a killed run's files are listed too.
 
@@ -28,7 +28,7 @@ from typing import Callable, Iterable
 from .folder_lock import FolderLock
 from .io import DataError, TEMP_PREFIX, ensure_dir, observe_writes, remove_stale_temporaries, unobserve_writes
 
-MANIFEST = ".plcreg-results.jsonl"
+MANIFEST = ".plcreg-manifest.jsonl"
 # (sub-folder, glob) of every file a results run writes
 RESULT_PATTERNS = (
     ("", "per_case*.csv"), ("", "summary.csv"), ("", "summary.json"), ("", "comparison.*"), ("", "pvalues.*"),
@@ -70,7 +70,7 @@ def plain_inside(folder: Path, relative: str) -> bool:
 
 
 class Manifest:
-    """The ``.plcreg-results.jsonl`` of a folder: what this project wrote there."""
+    """The ``.plcreg-manifest.jsonl`` of a folder: what this project wrote there."""
 
     def __init__(self, folder: Path):
         self.folder, self.path = folder, folder / MANIFEST
@@ -115,46 +115,18 @@ def _made_here(folder: Path, relative: str, record: dict) -> bool:
     return now is not None and now[2] >= int(record.get("started", 0))     # killed before its 'done' line
 
 
-class ResultFolder:
-    """An output folder claimed by one run (see the module docstring)."""
+class WriteRecorder:
+    """Appends every file ``atomic_write`` writes inside ``folder`` to the folder's manifest,
+    until ``close()``: a line before the write and one with its identity after it."""
 
-    def __init__(self, path: Path, previous: dict[str, list], lock: FolderLock | None):
-        self.path, self.previous, self.lock = path, previous, lock
-        self.manifest = Manifest(path)
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.manifest = Manifest(self.folder)
         self.written: set[str] = set()
-        self.protected: set[tuple] = set()
         observe_writes(self._observe)
 
-    @classmethod
-    def claim(cls, path, overwrite: bool = False, resume: bool = False, lock: bool = True,
-              log: Callable | None = None) -> "ResultFolder":
-        """``resume``: the folder holds a stopped run that this one continues; its files are kept.
-        ``lock``: False for the ranks of a torchrun other than the first (which holds it)."""
-        path = ensure_dir(path)
-        held = FolderLock(path).acquire(log=log) if lock else None
-        try:
-            if held is not None:
-                for sub in SUBFOLDERS:
-                    remove_stale_temporaries(path / sub if sub else path)
-            own = Manifest(path).read()
-            ours = {rel: _identity(path / rel) for rel, record in own.items() if _made_here(path, rel, record)}
-            foreign = [p for p in result_files(path) if str(p.relative_to(path)) not in own]
-            if resume:
-                return cls(path, {}, held)
-            shown_files = sorted(ours) + [str(p.relative_to(path)) for p in foreign]
-            if shown_files and not overwrite:
-                shown = ", ".join(shown_files[:4])
-                more = f" and {len(shown_files) - 4} more" if len(shown_files) > 4 else ""
-                raise DataError(f"{path}: holds results of a previous run ({shown}{more}); replace them with "
-                                f"--overwrite, or choose another output folder")
-            return cls(path, ours, held)
-        except BaseException:
-            if held is not None:
-                held.release()
-            raise
-
     def _relative(self, path: Path) -> str | None:
-        folder = os.path.abspath(self.path)
+        folder = os.path.abspath(self.folder)
         target = os.path.abspath(path)
         if not target.startswith(folder + os.sep):
             return None
@@ -169,6 +141,58 @@ class ResultFolder:
         else:
             self.written.add(rel)
             self.manifest.append({"file": rel, "identity": _identity(Path(path))})
+
+    def close(self) -> None:
+        unobserve_writes(self._observe)
+
+
+def own_files(folder: Path) -> dict[str, list]:
+    """{relative path: identity} of the files in ``folder`` that this project wrote there and
+    nobody changed since (by its manifest)."""
+    return {rel: _identity(folder / rel) for rel, record in Manifest(folder).read().items()
+            if _made_here(folder, rel, record)}
+
+
+class ResultFolder:
+    """An output folder claimed by one run (see the module docstring)."""
+
+    def __init__(self, path: Path, previous: dict[str, list], lock: FolderLock | None):
+        self.path, self.previous, self.lock = path, previous, lock
+        self.recorder = WriteRecorder(path)
+        self.manifest = self.recorder.manifest
+        self.protected: set[tuple] = set()
+
+    @property
+    def written(self) -> set[str]:
+        return self.recorder.written
+
+    @classmethod
+    def claim(cls, path, overwrite: bool = False, resume: bool = False, lock: bool = True,
+              log: Callable | None = None) -> "ResultFolder":
+        """``resume``: the folder holds a stopped run that this one continues; its files are kept.
+        ``lock``: False for the ranks of a torchrun other than the first (which holds it)."""
+        path = ensure_dir(path)
+        held = FolderLock(path).acquire(log=log) if lock else None
+        try:
+            if held is not None:
+                for sub in SUBFOLDERS:
+                    remove_stale_temporaries(path / sub if sub else path)
+            own = Manifest(path).read()
+            ours = own_files(path)
+            foreign = [p for p in result_files(path) if str(p.relative_to(path)) not in own]
+            if resume:
+                return cls(path, {}, held)
+            shown_files = sorted(ours) + [str(p.relative_to(path)) for p in foreign]
+            if shown_files and not overwrite:
+                shown = ", ".join(shown_files[:4])
+                more = f" and {len(shown_files) - 4} more" if len(shown_files) > 4 else ""
+                raise DataError(f"{path}: holds results of a previous run ({shown}{more}); replace them with "
+                                f"--overwrite, or choose another output folder")
+            return cls(path, ours, held)
+        except BaseException:
+            if held is not None:
+                held.release()
+            raise
 
     def protect(self, paths: Iterable) -> None:
         """Files this run reads (its inputs): never removed by ``finish``, whatever the manifest says."""
@@ -211,6 +235,6 @@ class ResultFolder:
 
     def close(self) -> None:
         """Stop recording writes and release the folder (``finish`` does both)."""
-        unobserve_writes(self._observe)
+        self.recorder.close()
         if self.lock is not None:
             self.lock.release()

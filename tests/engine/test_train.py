@@ -11,6 +11,7 @@ from engine.train import Trainer, TrainingDiverged, TrainingInterrupted
 from tests.layouts import quick_overrides, write_oasis
 from utils.checkpoint import CheckpointError, read_checkpoint
 from utils.config import apply_override, preset
+from utils.outputs import MANIFEST
 
 
 def _run(root, ckdir, epochs, **extra):
@@ -76,7 +77,7 @@ def test_checkpoint_files_and_contents(oasis_root, tmp_path):
     assert best["best_val_dice"] == max(r["val_dice"] for r in trainer.log)
     kept = sorted(float(n[3:9]) for n in dsc)
     assert kept == sorted(round(r["val_dice"], 4) for r in trainer.log)[-2:]
-    assert not any(n.startswith(".") for n in names)          # no temporary files left
+    assert [n for n in names if n.startswith(".")] == [MANIFEST]       # no temporary files left, no lock
 
 
 def test_kill_during_checkpoint_write_keeps_last_intact(oasis_root, tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from utils.checkpoint import CheckpointError, CheckpointKeeper, load_weights_only, read_checkpoint, save_checkpoint
+from utils.outputs import MANIFEST
 from utils.io import DataError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,7 +110,7 @@ def test_kill_during_writes_leaves_a_loadable_last_and_no_temporaries(tmp_path):
         kills += 1
     assert kills == 6
     keeper = CheckpointKeeper(tmp_path, keep_top_k=2).open(resume=True, log=lambda m: None)
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".") and p.name != ".lock"]
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".") and p.name not in (".lock", MANIFEST)]
     assert leftovers == []
     assert read_checkpoint_state(tmp_path / "last.pth")["w"].numel() == 1_500_000
     keeper.close()
@@ -189,4 +190,26 @@ def test_user_files_that_look_temporary_are_left_alone(tmp_path):
     (tmp_path / ".plcreg-partial.last.k3j9x0_q.pth").write_bytes(b"left by a killed write")
     keeper = CheckpointKeeper(tmp_path).open(log=lambda m: None)
     keeper.close()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.20261203.txt", ".tmp.plan.abcdefgh.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != MANIFEST) == [".notes.20261203.txt",
+                                                                               ".tmp.plan.abcdefgh.txt"]
+
+
+def test_overwrite_removes_the_previous_run_s_own_files_only(tmp_path):
+    keeper = _keeper(tmp_path)
+    keeper.save(lambda: {"epoch": 1}, 0.5, 1)
+    keeper.close()
+    (tmp_path / "best.pth").unlink()
+    torch.save({"mine": torch.zeros(2)}, tmp_path / "best.pth")         # the user's file under a run name
+    (tmp_path / "notes.txt").write_text("mine")
+    notes = []
+    CheckpointKeeper(tmp_path, keep_top_k=2).open(overwrite=True, log=notes.append).close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".plcreg-manifest.jsonl", "best.pth", "notes.txt"]
+    assert "mine" in torch.load(tmp_path / "best.pth", weights_only=True)
+    assert any("kept best.pth" in n for n in notes)
+    # a folder of a version without a manifest: the run's files by their names
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for name in ("last.pth", "best.pth", "dsc0.5000_ep0001.pth", "notes.txt"):
+        (legacy / name).write_bytes(b"x")
+    CheckpointKeeper(legacy).open(overwrite=True, log=lambda m: None).close()
+    assert sorted(p.name for p in legacy.iterdir() if not p.name.startswith(".")) == ["notes.txt"]

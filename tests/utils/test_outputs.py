@@ -58,7 +58,7 @@ def test_overwrite_removes_only_files_of_its_own_making(tmp_path):
 def test_files_of_a_killed_run_are_its_own(tmp_path):
     claimed = ResultFolder.claim(tmp_path)
     _write(tmp_path / "x_warped.nii.gz", "done")
-    claimed._observe(tmp_path / "y_warped.nii.gz", "start")                  # killed between the two lines
+    claimed.recorder._observe(tmp_path / "y_warped.nii.gz", "start")                  # killed between the two lines
     _write(tmp_path / "y_warped.nii.gz", "written")
     claimed.manifest.rewrite({k: v for k, v in claimed.manifest.read().items()} |
                              {"y_warped.nii.gz": {"file": "y_warped.nii.gz", "started": 0}})
