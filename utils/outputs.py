@@ -177,9 +177,9 @@ class ResultFolder:
             if held is not None:
                 for sub in SUBFOLDERS:
                     remove_stale_temporaries(path / sub if sub else path)
-            own = Manifest(path).read()
             ours = own_files(path)
-            foreign = [p for p in result_files(path) if str(p.relative_to(path)) not in own]
+            # named like results but not (or no longer) as this project wrote them: kept, yet a reason to stop
+            foreign = [p for p in result_files(path) if str(p.relative_to(path)) not in ours]
             if resume:
                 return cls(path, {}, held)
             shown_files = sorted(ours) + [str(p.relative_to(path)) for p in foreign]

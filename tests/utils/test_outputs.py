@@ -103,3 +103,12 @@ def test_csv_cells_are_plain_numbers():
     text = csv_text([{"a": np.float64(0.125), "b": np.float32(0.5), "c": np.int64(3), "d": float("nan")}],
                     ["a", "b", "c", "d"])
     assert text.splitlines()[1] == "0.125,0.5,3,nan"
+
+
+def test_a_result_changed_by_the_user_since_still_stops_a_fresh_run(tmp_path):
+    _previous_run(tmp_path, ["per_case.csv"])
+    (tmp_path / "per_case.csv").write_text("edited by the user")
+    with pytest.raises(DataError, match=r"previous run \(per_case.csv\)"):
+        ResultFolder.claim(tmp_path)
+    assert ResultFolder.claim(tmp_path, overwrite=True).finish() == []
+    assert (tmp_path / "per_case.csv").read_text() == "edited by the user"
