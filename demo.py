@@ -26,6 +26,7 @@ from engine.train import Trainer
 from models.registry import DEFAULT_MODEL, MODELS
 from utils.config import RunConfig
 from utils.demo_data import DemoSettings, write_demo_dataset
+from utils.checkpoint import CheckpointError
 from utils.io import DataError
 
 ROOT = Path(__file__).resolve().parent
@@ -45,6 +46,29 @@ def demo_run(args) -> RunConfig:
     if args.widths and args.model == DEFAULT_MODEL:
         settings["model.widths"] = tuple(args.widths)
     return assemble_run("Demo", model=args.model, settings=settings)
+
+
+def run_demo(args, run: RunConfig) -> dict:
+    """Train, then infer (and infer again with instance optimisation); prints the tables and
+    returns the first inference's result."""
+    print(f"training {run.model.arch} (widths {run.model.widths}) for {args.minutes:g} min on {run.device}")
+    progress = progress_setting(args)
+    process.for_training(resolve_device(run.device), run.model.grad_checkpointing)
+    trainer = Trainer(run, progress=progress, overwrite=args.overwrite)
+    trainer.fit()
+    process.for_inference()
+    result = infer(run, None, model=trainer.model, index=trainer.index, progress=progress, figures=True,
+                   train_log=trainer.dir / "train_log.csv", overwrite=args.overwrite)
+    print()
+    print(result["table"])
+    if args.io_steps:
+        run.eval.io_steps = args.io_steps
+        run.output_dir = str(args.out_dir / "with_io")
+        with_io = infer(run, None, model=trainer.model, index=trainer.index, progress=progress,
+                        overwrite=args.overwrite)
+        print()
+        print(with_io["table"])
+    return result
 
 
 def main(argv=None) -> int:
@@ -74,34 +98,17 @@ def main(argv=None) -> int:
     args.half_res = args.half_res if args.half_res is not None else (0.0 if args.quick else 0.6)
     t_start = time.time()
 
-    if not (args.data_dir / "DONE").is_file():
-        settings = DemoSettings(downsample=2 if args.quick else 1)
-        n_train, n_test = (4, 2) if args.quick else (24, 6)
-        print(f"building the demo data set in {args.data_dir} ({n_train} training and {n_test} test subjects)")
-        write_demo_dataset(args.data_dir, n_train, n_test, seed=args.seed, settings=settings)
-
-    run = demo_run(args)
-    print(f"training {run.model.arch} (widths {run.model.widths}) for {args.minutes:g} min on {run.device}")
-    progress = progress_setting(args)
-    process.for_training(resolve_device(run.device), run.model.grad_checkpointing)
     try:
-        trainer = Trainer(run, progress=progress, overwrite=args.overwrite)
-    except DataError as exc:
+        run = demo_run(args)             # settings checked before the data set is built
+        if not (args.data_dir / "DONE").is_file():
+            settings = DemoSettings(downsample=2 if args.quick else 1)
+            n_train, n_test = (4, 2) if args.quick else (24, 6)
+            print(f"building the demo data set in {args.data_dir} ({n_train} training and {n_test} test subjects)")
+            write_demo_dataset(args.data_dir, n_train, n_test, seed=args.seed, settings=settings)
+        result = run_demo(args, run)
+    except (DataError, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    trainer.fit()
-    process.for_inference()
-    result = infer(run, None, model=trainer.model, index=trainer.index, progress=progress, figures=True,
-                   train_log=trainer.dir / "train_log.csv", overwrite=args.overwrite)
-    print()
-    print(result["table"])
-    if args.io_steps:
-        run.eval.io_steps = args.io_steps
-        run.output_dir = str(args.out_dir / "with_io")
-        with_io = infer(run, None, model=trainer.model, index=trainer.index, progress=progress,
-                        overwrite=args.overwrite)
-        print()
-        print(with_io["table"])
     paths = result["paths"]["figures"]
     print(f"\nresults: {result['paths']['summary_json'].parent}")
     print("figures: " + ", ".join(str(p.relative_to(args.out_dir)) for p in paths))

@@ -185,6 +185,11 @@ class DataConfig:
         if len(window) != 2 or not all(math.isfinite(v) for v in window) or window[0] >= window[1]:
             raise ValueError(f"data.ct_window {tuple(self.ct_window)}: expected two finite Hounsfield values, "
                              f"low < high, e.g. (-500, 800)")
+        if not (_finite(self.cache_mb) and self.cache_mb >= 0):
+            raise ValueError(f"DataConfig.cache_mb must be a finite number of MiB >= 0, got {self.cache_mb}")
+        for name in ("loader_workers", "val_subjects", "n_train", "n_test"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"DataConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.layout == "abdomenctct" and self.val_subjects == 1:
             raise ValueError("DataConfig.val_subjects: validation pairs of the pairwise AbdomenCTCT layout "
                              "need 0 or at least 2 held-out subjects")
@@ -219,20 +224,20 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not self.lr > 0:                 # NaN too
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if not (_finite(self.lr) and self.lr > 0):
+            raise ValueError(f"TrainConfig.lr must be a finite number > 0, got {self.lr}")
         if self.epochs < 1:
             raise ValueError(f"TrainConfig.epochs must be >= 1, got {self.epochs}")
         for name in ("max_pairs", "val_max_pairs", "keep_top_k", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_minutes < 0:
-            raise ValueError(f"TrainConfig.max_minutes must be >= 0 (0 = no limit), got {self.max_minutes}")
+        if not (_finite(self.max_minutes) and self.max_minutes >= 0):
+            raise ValueError(f"TrainConfig.max_minutes must be a finite number >= 0 (0 = no limit), got {self.max_minutes}")
         if self.ncc_window < 1 or self.ncc_window % 2 == 0:
             raise ValueError(f"TrainConfig.ncc_window must be a positive odd integer, got {self.ncc_window}")
         for name in ("sim_weight", "reg_weight", "dice_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+            if not (_finite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {getattr(self, name)}")
         if self.similarity not in (*SIMILARITIES, "none"):
             raise ValueError(f"TrainConfig.similarity must be one of {(*SIMILARITIES, 'none')}, got {self.similarity!r}")
         if self.max_bad_steps < 1:
@@ -268,11 +273,13 @@ class EvalConfig:
     def __post_init__(self):
         if self.label_interpolation not in ("nearest", "onehot"):
             raise ValueError(f"EvalConfig.label_interpolation must be nearest or onehot, got {self.label_interpolation!r}")
-        if self.io_fine_steps < 0 or self.io_fine_lr <= 0 or self.io_fine_weight < 0 or self.io_fine_smoothing < 0:
+        if self.io_fine_steps < 0 or not (_finite(self.io_fine_lr) and self.io_fine_lr > 0) \
+                or not (_finite(self.io_fine_weight) and self.io_fine_weight >= 0) or self.io_fine_smoothing < 0:
             raise ValueError("EvalConfig: expected io_fine_steps >= 0, io_fine_lr > 0, io_fine_weight >= 0, "
                              f"io_fine_smoothing >= 0; got {self.io_fine_steps}, {self.io_fine_lr}, "
                              f"{self.io_fine_weight}, {self.io_fine_smoothing}")
-        if self.io_steps < 0 or self.io_lr <= 0 or self.io_weight < 0 or self.io_scale < 1 or self.io_smoothing < 0:
+        if self.io_steps < 0 or not (_finite(self.io_lr) and self.io_lr > 0) \
+                or not (_finite(self.io_weight) and self.io_weight >= 0) or self.io_scale < 1 or self.io_smoothing < 0:
             raise ValueError("EvalConfig: expected io_steps >= 0, io_lr > 0, io_weight >= 0, io_scale >= 1, "
                              f"io_smoothing >= 0; got {self.io_steps}, {self.io_lr}, {self.io_weight}, "
                              f"{self.io_scale}, {self.io_smoothing}")
@@ -313,6 +320,14 @@ class RunConfig:
                    train=TrainConfig(**d["train"]), eval=EvalConfig(**d.get("eval", {})),
                    device=d.get("device", "auto"), checkpoint_dir=d.get("checkpoint_dir", ""),
                    output_dir=d.get("output_dir", ""))
+
+
+def _finite(value) -> bool:
+    """A real number that is neither NaN nor infinite (settings compared with < or > alone let NaN through)."""
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def _plain(obj) -> dict[str, Any]:
