@@ -38,6 +38,10 @@ def main(argv=None) -> int:
     except ValueError:
         print(f"error: --window {args.window!r}: expected three positive integers, e.g. 5,7,6", file=sys.stderr)
         return 2
+    if Path(args.dst).exists() and Path(args.src).exists() and Path(args.dst).samefile(args.src):
+        print(f"error: {args.dst}: is the file being converted; write the converted checkpoint to another file",
+              file=sys.stderr)
+        return 2
     if Path(args.dst).exists() and not args.overwrite:
         print(f"error: {args.dst}: exists; add --overwrite to replace it", file=sys.stderr)
         return 2

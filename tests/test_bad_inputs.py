@@ -211,6 +211,8 @@ CASES = [
                                    "--out-dir", str(_fresh(w, "demo_out"))], "max_minutes must be a finite number"),
     ("NaN instance-optimisation step", lambda w: _infer(w, "--io-lr", "nan", "--io-steps", "2"), "io_lr"),
     ("infinite smoothness weight", lambda w: _train(w, "--set", "train.reg_weight=inf"), "TrainConfig.reg_weight"),
+    ("converter writing over its source", lambda w: ["scripts/convert_released.py", w["ckpt"], w["ckpt"], "--overwrite"],
+     "model.pth: is the file being converted"),
     ("NaN cache size", lambda w: _train(w, "--set", "data.cache_mb=nan"), "DataConfig.cache_mb"),
     ("absolute name", lambda w: ["register.py", "--pairs", str(w["dir"] / "own" / "absolute.csv"),
                                  "--checkpoint", w["ckpt"], "--out-dir", str(w["dir"] / "reg_a")],
