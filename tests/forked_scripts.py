@@ -33,8 +33,15 @@ def _server():
     return _context
 
 
-def _run_as_main(script: str, args: list[str], cwd: str, env: dict, out: str, err: str) -> None:
-    """In the child: the script as ``python script args`` run in ``cwd`` would run it."""
+def _exit_status(exc: SystemExit) -> int:
+    """The process exit status a ``SystemExit`` gives (None: 0; a message: 1)."""
+    return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+
+
+def _run_as_main(script: str, args: list[str], cwd: str, env: dict, out: str, err: str, status: str) -> None:
+    """In the child: the script as ``python script args`` run in ``cwd`` would run it. The exit
+    status is also written to ``status``: the fork server's report of it can get lost (it then
+    says 255) when several children end at once."""
     for fd, path in ((1, out), (2, err)):
         target = os.open(path, os.O_WRONLY | os.O_TRUNC)
         os.dup2(target, fd)
@@ -44,10 +51,17 @@ def _run_as_main(script: str, args: list[str], cwd: str, env: dict, out: str, er
     os.environ.update(env)
     sys.argv = [script, *args]
     sys.path.insert(0, str(Path(script).parent))
+    code = 1                             # an uncaught exception: a traceback and status 1, as python prints
     try:
         runpy.run_path(script, run_name="__main__")
+        code = 0
+    except SystemExit as exc:
+        code = _exit_status(exc)
+        raise
     finally:
         atexit._run_exitfuncs()          # what the interpreter runs at exit (a forked child skips it)
+        with open(status, "w") as fh:
+            fh.write(str(code))
 
 
 def run_script(script: str | Path, args: list[str], cwd: str | Path = ROOT, env: dict | None = None,
@@ -57,15 +71,19 @@ def run_script(script: str | Path, args: list[str], cwd: str | Path = ROOT, env:
     script = str(ROOT / script)
     env = dict(os.environ if env is None else env)
     with tempfile.TemporaryDirectory() as folder:
-        out, err = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
+        out, err, status = (os.path.join(folder, name) for name in ("stdout", "stderr", "status"))
         for path in (out, err):
             open(path, "w").close()
-        child = _server().Process(target=_run_as_main, args=(script, list(args), str(cwd), env, out, err))
+        child = _server().Process(target=_run_as_main, args=(script, list(args), str(cwd), env, out, err, status))
         child.start()
         child.join(timeout)
         if child.exitcode is None:
             child.kill()
             child.join()
             raise subprocess.TimeoutExpired([script, *args], timeout)
+        code = child.exitcode
+        if os.path.exists(status) and code >= 0:       # (a signal's negative status comes from the server)
+            with open(status) as fh:
+                code = int(fh.read() or code)
         with open(out) as fh_out, open(err) as fh_err:
-            return subprocess.CompletedProcess([script, *args], child.exitcode, fh_out.read(), fh_err.read())
+            return subprocess.CompletedProcess([script, *args], code, fh_out.read(), fh_err.read())

@@ -18,10 +18,12 @@ if mode == "raise":
     raise RuntimeError("boom")
 if mode == "exit":
     sys.exit(2)
+if mode == "message":
+    sys.exit("bye")
 """
 
 
-@pytest.mark.parametrize("mode", ["raise", "exit", "plain"])
+@pytest.mark.parametrize("mode", ["raise", "exit", "message", "plain"])
 def test_same_status_output_and_exit_handlers_as_a_fresh_interpreter(tmp_path, mode):
     script = tmp_path / "probe.py"
     script.write_text(SCRIPT)
@@ -35,7 +37,7 @@ def test_same_status_output_and_exit_handlers_as_a_fresh_interpreter(tmp_path, m
         answers.append((proc.returncode, proc.stdout.replace(name, "*"), proc.stderr.replace(str(script), "*"),
                         (cwd / "exited").exists()))
     fresh, forked = answers
-    assert forked[0] == fresh[0] == {"raise": 1, "exit": 2, "plain": 0}[mode]
+    assert forked[0] == fresh[0] == {"raise": 1, "exit": 2, "message": 1, "plain": 0}[mode]
     assert forked[1] == fresh[1] and forked[3] and fresh[3]
     assert "to stderr" in forked[2] and ("Traceback" in forked[2]) == ("Traceback" in fresh[2]) == (mode == "raise")
     assert fresh[2].strip().splitlines()[-1] == forked[2].strip().splitlines()[-1]
