@@ -1,5 +1,7 @@
 """Volume I/O: geometry kept on write, and each kind of bad file named with its problem."""
+import errno
 import locale
+import os
 import pickle
 import sys
 
@@ -10,7 +12,7 @@ import pytest
 from tests.layouts import AFFINE
 from utils.datasets import Pair, Side, VolumeCache
 from utils.config import DataConfig
-from utils.io import DataError, load_volume, load_pickle_pair, save_like
+from utils.io import DataError, WriteError, atomic_write, load_volume, load_pickle_pair, save_like
 
 
 def _nii(arr, path, affine=AFFINE):
@@ -167,3 +169,21 @@ def test_label_dtype_holds_every_value():
     assert label_dtype(np.array([0, 35])) == np.int16
     assert label_dtype(np.array([0, 32768])) == np.int32 and label_dtype(np.array([-32769, 0])) == np.int32
     assert label_dtype(np.array([0, 2 ** 31])) == np.int64 and label_dtype(np.zeros((0,), np.int64)) == np.int16
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EACCES, errno.EDQUOT, errno.EROFS])
+def test_a_write_the_disk_refuses_names_the_file_and_keeps_the_previous_version(tmp_path, error):
+    target = tmp_path / "per_case.csv"
+    target.write_text("previous")
+
+    def refused(tmp):
+        with open(tmp, "w") as fh:
+            fh.write("half")
+        raise OSError(error, os.strerror(error))
+    with pytest.raises(WriteError) as caught:
+        atomic_write(target, refused)
+    assert str(caught.value) == f"{target}: cannot write ({os.strerror(error)}); its previous version is unchanged"
+    assert target.read_text() == "previous" and sorted(p.name for p in tmp_path.iterdir()) == ["per_case.csv"]
+    with pytest.raises(ValueError, match="not about the disk"):         # other errors pass through as they are
+        atomic_write(tmp_path / "new.csv", lambda tmp: (_ for _ in ()).throw(ValueError("not about the disk")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["per_case.csv"]
