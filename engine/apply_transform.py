@@ -23,7 +23,7 @@ import torch
 from utils.io import (PLCREG_FIELD_INTENT, DataError, check_affine, ensure_dir, load_volume, read_nifti_arrays,
                       label_dtype, require_file, save_like)
 from utils.itk import read_itk_affine, voxel_displacement
-from utils.transforms import AffineMap, FieldMap, overlap, resample_image, resample_labels
+from utils.transforms import AffineMap, FieldMap, image_at, inside_fraction, labels_at, source_voxels
 
 AFFINE_SUFFIXES = (".txt", ".tfm", ".mat")
 FIELD_SUFFIXES = (".nii", ".nii.gz")
@@ -105,16 +105,15 @@ def apply_transforms(input_path, reference_path, transforms, out_path, *, label:
     if out_path.exists() and out_path.samefile(source.path):
         raise DataError(f"{out_path}: is the input image; write the output to another file")
     reference = load_volume(reference_path, "image")
-    grid = (reference.array.shape, reference.affine)
-    inside = overlap(chain, *grid, source.array.shape, source.affine, device)
-    if inside == 0:
+    voxels = source_voxels(chain, reference.array.shape, reference.affine, source.affine, device)
+    if inside_fraction(voxels, source.array.shape) == 0:
         log(f"warning: {out_path}: no voxel of the reference grid maps inside {input_path} through the given "
             f"transforms: the output is all zeros (check their order and which of them need [file,1])")
     if label:
-        out = resample_labels(source.array, source.affine, *grid, chain, label_interpolation, device=device)
+        out = labels_at(source.array, voxels, label_interpolation)
         dtype = label_dtype(out)
     else:
-        out, dtype = resample_image(source.array, source.affine, *grid, chain, device), np.float32
+        out, dtype = image_at(source.array, voxels), np.float32
     ensure_dir(out_path.parent)
     return save_like(out, reference, out_path, dtype=dtype)
 

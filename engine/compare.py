@@ -226,8 +226,7 @@ def compare(items, specs: list[MethodSpec], run: RunConfig, out_dir, *, referenc
     (missing optional package or checkpoint) are skipped with a message in ``skipped``.
     """
     device = device or torch.device("cpu")
-    folder = ResultFolder.claim(out_dir, overwrite, log=log)
-    try:
+    with ResultFolder.claim(out_dir, overwrite, log=log) as folder:
         out_dir = Path(out_dir)
         labels = list(labels if labels is not None else run.data.labels)
         results, skipped = {}, {}
@@ -280,9 +279,6 @@ def compare(items, specs: list[MethodSpec], run: RunConfig, out_dir, *, referenc
             {"methods": [vars(s) for s in specs], "skipped": skipped, "reference": reference, **provenance(device),
              "config": run.to_dict(), "table": table_rows, "pvalues": tests}, indent=2, default=str))
         folder.finish(log=log)
-    except BaseException:
-        folder.close()
-        raise
     return {"results": results, "skipped": skipped, "table": table, "pvalues": tests,
             "pvalue_table": pvalue_markdown(tests), "paths": paths, "reference": reference}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -118,11 +119,9 @@ def infer(run: RunConfig, checkpoint, *, save_nifti: bool = False, progress: boo
     if not resume and not overwrite and finished.count():
         raise DataError(f"{finished.folder}: holds {finished.count()} finished pair(s) of a stopped run; continue "
                         f"it with --resume, or start again with --overwrite")
-    folder = ResultFolder.claim(out_dir, overwrite, resume=resume, lock=ctx.is_main, log=print)
-    claimed = [folder]
-    try:
-        if l2r_out:
-            claimed.append(ResultFolder.claim(l2r_out, overwrite, resume=resume, lock=ctx.is_main, log=print))
+    with ExitStack() as stack:            # the folders are released however the run ends
+        claimed = [stack.enter_context(ResultFolder.claim(folder, overwrite, resume=resume, lock=ctx.is_main,
+                                                          log=print)) for folder in (out_dir, l2r_out) if folder]
         done = finished.rows() if resume else {}
         if resume and not done and (out_dir / "summary.json").is_file():
             raise DataError(f"{out_dir}: holds a finished run (summary.json) and no stopped one to continue; "
@@ -140,9 +139,10 @@ def infer(run: RunConfig, checkpoint, *, save_nifti: bool = False, progress: boo
                 compile_model(model)
         index = index or discover(run.data, None, run.train.seed)
         pairs = index.test_pairs()
-        key = resume_key("inference", run, pair_files(pairs), model)
+        inputs = pair_files(pairs)
+        key = resume_key("inference", run, inputs, model)
         for each in claimed:
-            each.protect(pair_files(pairs))
+            each.protect(inputs)
         if resume and done:
             finished.check_same_run(key)
         if run.eval.max_pairs:
@@ -187,8 +187,6 @@ def infer(run: RunConfig, checkpoint, *, save_nifti: bool = False, progress: boo
                 writer.submit(finish_pair, pair, t, u, info)
         gathered = ddp.gather_objects(rows, ctx)
         if not ctx.is_main:
-            for each in claimed:
-                each.close()
             return {"rows": [], "summary": None, "paths": {}, "table": None}
         by_case = {**done, **{r["case"]: r for part in gathered for r in part}}
         rows = [by_case[p.name] for p in pairs]
@@ -220,10 +218,6 @@ def infer(run: RunConfig, checkpoint, *, save_nifti: bool = False, progress: boo
         table = format_summary_table(summary, f"{run.data.name}: {len(rows)} test pairs, {method}{ranks} "
                                               f"(labels warped by {run.eval.label_interpolation})")
         return {"rows": rows, "summary": summary, "paths": paths, "table": table}
-    except BaseException:
-        for each in claimed:
-            each.close()
-        raise
 
 
 def score_pair(run: RunConfig, t: dict, u: torch.Tensor, info: dict) -> dict:

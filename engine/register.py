@@ -192,10 +192,9 @@ def register_files(pairs: list[PairFiles], checkpoint, out_dir, *, run: RunConfi
             if not (l2r_id(f.fixed) and l2r_id(f.moving)):
                 log(f"{f.case}: no Learn2Reg ids in the image names (<task>_<case>_<modality>.nii.gz): the field is "
                     f"written as {l2r_name[f.case]}, which the challenge's evaluation will not look up")
-    folder = ResultFolder.claim(out_dir, overwrite, log=log)
-    folder.protect(f for files in pairs for f in (files.moving, files.fixed, files.moving_label, files.fixed_label)
-                   if f)
-    try:
+    with ResultFolder.claim(out_dir, overwrite, log=log) as folder:
+        folder.protect(f for files in pairs for f in (files.moving, files.fixed, files.moving_label, files.fixed_label)
+                       if f)
         device = resolve_device(device)
         model, ckpt = (None, None) if no_network(checkpoint) else load_model(checkpoint)
         run = run or run_config_of(ckpt)
@@ -237,9 +236,6 @@ def register_files(pairs: list[PairFiles], checkpoint, out_dir, *, run: RunConfi
                              "<case>_affine.txt (with pre-alignment) takes p' to the moving image's world point"}
         paths = write_results(out_dir, rows, summary, meta)
         folder.finish(log=log)
-    except BaseException:
-        folder.close()
-        raise
     table = format_summary_table(summary, f"{len(rows)} pair(s) registered")
     return {"rows": rows, "summary": summary, "paths": paths, "table": table}
 

@@ -95,9 +95,7 @@ def resume_key(kind: str, run: RunConfig, files: Iterable[str], model=None) -> d
     network) only for inference: training continues from its own last.pth."""
     key = {"settings": settings_of(run, kind), "data": data_digest(files, run.data.root)}
     if kind == "inference":
-        key["weights"] = (weights_digest(model.state_dict(), getattr(getattr(model, "config", None), "to_dict",
-                                                                      lambda: None)())
-                          if model is not None else "none")
+        key["weights"] = weights_digest(model.state_dict(), model.config.to_dict()) if model is not None else "none"
     return key
 
 

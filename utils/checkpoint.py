@@ -156,8 +156,7 @@ class CheckpointKeeper:
         """Stop recording writes, keep the manifest to what the folder holds, release the folder."""
         if self.recorder is not None:
             self.recorder.close()
-            self.recorder.manifest.rewrite({rel: {"file": rel, "identity": ident}
-                                            for rel, ident in own_files(self.folder).items()})
+            self.recorder.manifest.compact()
             self.recorder = None
         self.lock.release()
 

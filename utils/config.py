@@ -85,7 +85,7 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.attention_levels: expected a subset of (2, 3, 4, 5), got {self.attention_levels}")
         if not self.width_multiplier > 0:
             raise ValueError(f"ModelConfig.width_multiplier must be > 0, got {self.width_multiplier}")
-        if not (math.isfinite(self.alpha) and self.alpha >= 0):
+        if not (_finite(self.alpha) and self.alpha >= 0):
             raise ValueError(f"ModelConfig.alpha (the ALS range): expected a finite number >= 0, got {self.alpha}")
         for level in self.attention_levels if self.arch == "plcreg" else ():
             w = self.level_widths[level - 1]

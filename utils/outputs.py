@@ -1,8 +1,9 @@
 """Result folders: one run at a time, and no file lost that the user did not ask to replace.
 
-``ResultFolder.claim(path, overwrite)`` is called before a run reads any data. It takes the
-folder's lock (``utils/folder_lock.py``: a second live run into the same folder is refused
-and named, a dead holder's lock is taken over) and reads the folder's manifest,
+``with ResultFolder.claim(path, overwrite) as folder:`` opens a run's writing, before it reads
+any data, and ``folder.finish()`` ends it. Claiming takes the folder's lock
+(``utils/folder_lock.py``: a second live run into the same folder is refused and named, a dead
+holder's lock is taken over) and reads the folder's manifest,
 ``.plcreg-manifest.jsonl``: one line per file this project wrote there (its relative path
 before the write; its inode, size and modification time after it), appended as each file is
 written, so a killed run's files are listed too.
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .folder_lock import FolderLock
-from .io import DataError, TEMP_PREFIX, ensure_dir, observe_writes, remove_stale_temporaries, unobserve_writes
+from .io import DataError, atomic_write, ensure_dir, observe_writes, remove_stale_temporaries, unobserve_writes
 
 MANIFEST = ".plcreg-manifest.jsonl"
 # (sub-folder, glob) of every file a results run writes
@@ -96,12 +97,14 @@ class Manifest:
         with self._lock, open(self.path, "a") as fh:
             fh.write(line)
 
+    def compact(self) -> None:
+        """Keep one line per file that this project wrote and that is still as it was written."""
+        self.rewrite({rel: {"file": rel, "identity": ident} for rel, ident in own_files(self.folder).items()})
+
     def rewrite(self, entries: dict[str, dict]) -> None:
         text = "".join(json.dumps(e) + "\n" for e in entries.values())
-        tmp = self.folder / f"{TEMP_PREFIX}{MANIFEST}.{os.getpid():08d}.jsonl"
         with self._lock:
-            tmp.write_text(text)
-            os.replace(tmp, self.path)
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _made_here(folder: Path, relative: str, record: dict) -> bool:
@@ -134,7 +137,7 @@ class WriteRecorder:
 
     def _observe(self, path: Path, phase: str) -> None:
         rel = self._relative(path)
-        if rel is None or rel == MANIFEST:
+        if rel is None or Path(rel).name == MANIFEST:       # manifests are not results
             return
         if phase == "start":
             self.manifest.append({"file": rel, "started": time.time_ns() - 10**9})   # a second of clock slack
@@ -159,12 +162,14 @@ class ResultFolder:
     def __init__(self, path: Path, previous: dict[str, list], lock: FolderLock | None):
         self.path, self.previous, self.lock = path, previous, lock
         self.recorder = WriteRecorder(path)
-        self.manifest = self.recorder.manifest
         self.protected: set[tuple] = set()
 
-    @property
-    def written(self) -> set[str]:
-        return self.recorder.written
+    def __enter__(self) -> "ResultFolder":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()                       # after finish() as well: closing twice is harmless
+        return False
 
     @classmethod
     def claim(cls, path, overwrite: bool = False, resume: bool = False, lock: bool = True,
@@ -217,24 +222,20 @@ class ResultFolder:
         try:
             for rel, ident in self.previous.items():
                 path = self.path / rel
-                if rel in self.written or not plain_inside(self.path, rel) or _identity(path) != ident \
+                if rel in self.recorder.written or not plain_inside(self.path, rel) or _identity(path) != ident \
                         or self._is_protected(path):
                     continue
                 path.unlink(missing_ok=True)
                 stale.append(path)
             if stale and log is not None:
                 log(f"note: {self.path}: removed {len(stale)} result file(s) of the previous run")
-            entries = {rel: {"file": rel, "identity": _identity(self.path / rel)}
-                       for rel, record in self.manifest.read().items()
-                       if rel not in {str(p.relative_to(self.path)) for p in stale}
-                       and _made_here(self.path, rel, record)}
-            self.manifest.rewrite(entries)
+            self.recorder.manifest.compact()
         finally:
             self.close()
         return stale
 
     def close(self) -> None:
-        """Stop recording writes and release the folder (``finish`` does both)."""
+        """Stop recording writes and release the folder (``finish`` and leaving a ``with`` block do both)."""
         self.recorder.close()
         if self.lock is not None:
             self.lock.release()

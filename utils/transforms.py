@@ -81,29 +81,39 @@ def source_voxels(chain, reference_shape, reference_affine, source_affine, devic
     return apply_matrix(points, np.linalg.inv(source_affine))
 
 
-def overlap(chain, reference_shape, reference_affine, source_shape, source_affine, device="cpu") -> float:
-    """Fraction of the reference grid's voxels that read inside the source grid through ``chain``."""
-    voxels = source_voxels(chain, reference_shape, reference_affine, source_affine, device)
+def inside_fraction(voxels: torch.Tensor, source_shape) -> float:
+    """Fraction of the positions ``voxels`` (3, D, H, W) that lie inside a grid of ``source_shape``."""
     top = torch.tensor(source_shape, dtype=voxels.dtype, device=voxels.device).view(3, 1, 1, 1) - 1
     return float(((voxels >= 0) & (voxels <= top)).all(0).double().mean())
+
+
+def image_at(array: np.ndarray, voxels: torch.Tensor) -> np.ndarray:
+    """An image (trilinear) read at ``voxels`` (3, D, H, W) of its grid; 0 outside it. float32."""
+    vol = torch.as_tensor(np.asarray(array, dtype=np.float32), device=voxels.device)[None, None]
+    return sample_at(vol, voxels, "bilinear")[0, 0].cpu().numpy()
+
+
+def labels_at(array: np.ndarray, voxels: torch.Tensor, interpolation: str = "nearest",
+              label_values=None) -> np.ndarray:
+    """A label map (nearest or one-hot) read at ``voxels`` (3, D, H, W) of its grid; its dtype kept."""
+    labels = torch.as_tensor(np.asarray(array), device=voxels.device)[None, None]
+    out = sample_labels(labels, lambda x, mode: sample_at(x, voxels.to(x.dtype), mode), interpolation, label_values)
+    return out[0, 0].cpu().numpy()
 
 
 def resample_image(array: np.ndarray, affine: np.ndarray, reference_shape, reference_affine, chain=(),
                    device="cpu") -> np.ndarray:
     """An image (trilinear) on the reference grid through ``chain``; 0 outside it. float32."""
-    voxels = source_voxels(chain, reference_shape, reference_affine, affine, device)
-    vol = torch.as_tensor(np.asarray(array, dtype=np.float32), device=device)[None, None]
-    return sample_at(vol, voxels, "bilinear")[0, 0].cpu().numpy()
+    return image_at(array, source_voxels(chain, reference_shape, reference_affine, affine, device))
 
 
 def resample_labels(array: np.ndarray, affine: np.ndarray, reference_shape, reference_affine, chain=(),
                     interpolation: str = "nearest", label_values=None, device="cpu") -> np.ndarray:
     """A label map on the reference grid through ``chain`` (nearest or one-hot); its dtype kept."""
-    voxels = source_voxels(chain, reference_shape, reference_affine, affine, device)
-    labels = torch.as_tensor(np.asarray(array), device=device)[None, None]
-    out = sample_labels(labels, lambda x, mode: sample_at(x, voxels.to(x.dtype), mode), interpolation, label_values)
-    return out[0, 0].cpu().numpy()
+    return labels_at(array, source_voxels(chain, reference_shape, reference_affine, affine, device), interpolation,
+                     label_values)
 
 
-__all__ = ["AffineMap", "FieldMap", "apply_matrix", "voxel_points", "sample_at", "source_voxels", "overlap",
+__all__ = ["AffineMap", "FieldMap", "apply_matrix", "voxel_points", "sample_at", "source_voxels", "inside_fraction",
+           "image_at", "labels_at",
            "resample_image", "resample_labels"]

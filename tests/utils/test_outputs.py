@@ -60,7 +60,7 @@ def test_files_of_a_killed_run_are_its_own(tmp_path):
     _write(tmp_path / "x_warped.nii.gz", "done")
     claimed.recorder._observe(tmp_path / "y_warped.nii.gz", "start")                  # killed between the two lines
     _write(tmp_path / "y_warped.nii.gz", "written")
-    claimed.manifest.rewrite({k: v for k, v in claimed.manifest.read().items()} |
+    claimed.recorder.manifest.rewrite({k: v for k, v in claimed.recorder.manifest.read().items()} |
                              {"y_warped.nii.gz": {"file": "y_warped.nii.gz", "started": 0}})
     claimed.close()
     with pytest.raises(DataError, match="x_warped.nii.gz, y_warped.nii.gz"):
